@@ -1,0 +1,13 @@
+"""Fused spike-recurrence scans (imported as ``spikelm.kernels``).
+
+Each operator has a Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1), a fast torch path (the CPU default)
+and a float32 naive loop (the test oracle), all behind one public function with a ``backend=`` argument.
+"""
+
+from .gated import gated_scan
+from .lif import lif_scan
+from .rwkv4 import rwkv4_scan
+from .rwkv6 import rwkv6_scan
+from .utils import resolve_backend
+
+__all__ = ["rwkv6_scan", "rwkv4_scan", "lif_scan", "gated_scan", "resolve_backend"]
