@@ -1,0 +1,1 @@
+"""gated scan (placeholder until implemented)."""

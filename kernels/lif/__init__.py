@@ -1,0 +1,1 @@
+"""lif scan (placeholder until implemented)."""

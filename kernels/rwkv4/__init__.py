@@ -1,0 +1,1 @@
+"""rwkv4 scan (placeholder until implemented)."""

@@ -1,0 +1,1 @@
+"""rwkv6 scan (placeholder until implemented)."""

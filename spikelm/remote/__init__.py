@@ -1,0 +1,1 @@
+"""Thin modules referenced by a saved model's auto_map."""
