@@ -15,7 +15,7 @@ demo: install
 	$(BIN)/spikelm sparsity $(RUN)/export --recipe recipes/shakespeare-tiny.yaml --json $(RUN)/sparsity.json --plot $(RUN)/sparsity.png
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/pytest -q
 
 lint: install
 	$(BIN)/ruff check .
