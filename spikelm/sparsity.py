@@ -1,0 +1,653 @@
+"""Activation sparsity, synaptic operations and energy of a spiking LM (see DESIGN.md, "Sparsity and energy").
+
+Python API::
+
+    with SparsityMonitor(model) as monitor:
+        model(input_ids, attention_mask=mask)
+    report = monitor.report(energy="45nm-fp32")
+    print(report.format_table())
+
+The monitor appends one observer to every spike site (a ``SpikingNeuron``: ``site``, ``fan_out``, ``kind``,
+``max_count``, ``observers``); each site calls it with its spike counts ``[B, T, C]`` and the token mask ``[B, T]``.
+It only reads, so outputs are unchanged, and it removes its observers when the block ends (also on exceptions).
+
+What is counted (``SparsityReport.counted`` / ``not_counted`` repeat this with every result):
+
+- An *element* is one neuron at one real (non-pad) token. Its spike count ``c`` is an integer, ``|c| <= max_count``.
+- A spiking projection pays one accumulate (AC) per unit of ``|c|`` per output of the projection that consumes the
+  site (``fan_out``): ``synops = sum |c| * fan_out`` for the binary and ternary event trains. For the bitwise train
+  each event (a set bit of ``|c|``) is one AC; its power-of-two weight is a shift and not counted.
+- The dense twin (``neuron: none``) pays one multiply-accumulate (MAC) per element per output: ``elements * fan_out``,
+  whatever zeros its activations hold. A model with ``neuron: none`` is costed that way too, so its ratio is 1.
+- Firing rate of an encoding: events / (elements x S), S its virtual time steps (binary/ternary ``max_count``,
+  bitwise ``ceil(log2(max_count + 1))``); events are counted from the histogram of ``|c|`` without expanding.
+
+The ``spikelm sparsity`` subcommand (``add_arguments`` / ``run``) runs held-out text through a saved model and prints
+the per-layer table, writes JSON and draws a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import torch
+from torch import nn
+
+from spikelm.energy import DEFAULT_ENERGY_TABLE, ENERGY_TABLES, EnergyTable, format_energy, get_energy_table
+from spikelm.errors import SpikeLMError
+
+ENCODINGS = ("binary", "ternary", "bitwise")
+DENSE_KIND = "none"
+
+COUNTED = [
+    "inputs of every weight projection inside the blocks (the spike sites): one AC per unit of |spike count| per "
+    "output of the consuming projection; the dense twin: one MAC per element per output",
+    "bitwise event trains: one AC per set bit per output (the power-of-two bit weight is a shift, not counted)",
+]
+NOT_COUNTED = [
+    "LayerNorm / GroupNorm",
+    "decays, token shift and the WKV recurrence (elementwise state updates, no weight matrix)",
+    "neuron dynamics (thresholds, membranes, gates) and the adaptive neuron's per-token threshold rescale "
+    "(one multiply per output per token)",
+    "activations and gating products (relu^2, sigmoid, silu)",
+    "the embedding lookup",
+    "the LM head, unless the model has a spike site in front of it (spike_lm_head)",
+    "memory traffic (loads of weights and activations)",
+]
+
+_LAYER_SITE = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
+
+
+def time_steps(encoding: str, max_count: int) -> int:
+    """Virtual time steps S of an event train that carries counts up to ``max_count``."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding={encoding!r} is not one of {', '.join(map(repr, ENCODINGS))}")
+    if encoding == "bitwise":
+        return max(1, int(max_count).bit_length())  # == ceil(log2(max_count + 1))
+    return int(max_count)
+
+
+def split_site_name(site: str) -> tuple[str, str]:
+    """``"model.layers.3.time_mix.key"`` -> ``("layer.3", "time_mix.key")``; a site outside the blocks (``lm_head``)
+    is its own group."""
+    match = _LAYER_SITE.search(site)
+    if match:
+        return f"layer.{match.group(1)}", match.group(2)
+    return site, site
+
+
+def _is_spike_site(module: nn.Module) -> bool:
+    # Duck-typed on the SpikingNeuron contract so that any module following it (and test doubles) is measured.
+    return isinstance(getattr(module, "observers", None), list) and all(
+        hasattr(module, name) for name in ("site", "fan_out", "kind", "max_count")
+    )
+
+
+def find_spike_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every spike site of ``model`` as ``(site name, module)``, in module order."""
+    return [(getattr(module, "site", None) or path, module) for path, module in model.named_modules()
+            if _is_spike_site(module)]
+
+
+class _SiteRecorder:
+    """Running totals of one spike site, kept on the device of its counts so that recording never syncs the host.
+
+    The histogram has ``max_count + 3`` bins: ``|c| = 0 .. max_count``, then an overflow bin (a neuron that broke its
+    ``max_count`` contract) and a bin that collects padded positions, which is never read.
+    """
+
+    def __init__(self, name: str, neuron: nn.Module, counts: torch.Tensor) -> None:
+        self.name = name
+        self.kind = str(neuron.kind)
+        self.fan_out = int(neuron.fan_out)
+        self.max_count = None if self.kind == DENSE_KIND or neuron.max_count is None else int(neuron.max_count)
+        self.channels = counts.shape[-1]
+        device = counts.device
+        self.tokens = torch.zeros((), dtype=torch.int64, device=device)
+        self.zeros = torch.zeros((), dtype=torch.int64, device=device)
+        self.sum_abs = torch.zeros((), dtype=torch.float64 if device.type != "mps" else torch.float32, device=device)
+        self.max_abs = torch.zeros((), dtype=self.sum_abs.dtype, device=device)
+        bins = 1 if self.max_count is None else self.max_count + 3
+        self.histogram = torch.zeros(bins, dtype=torch.int64, device=device)
+
+    def update(self, counts: torch.Tensor, mask: torch.Tensor | None) -> None:
+        counts = counts.detach()
+        if counts.dim() != 3 or counts.shape[-1] != self.channels:
+            raise ValueError(f"site {self.name}: counts must be [B, T, {self.channels}], got {tuple(counts.shape)}")
+        batch, steps, _ = counts.shape
+        if mask is not None:
+            if mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] > steps:
+                mask = mask[:, -steps:]  # decoding with a cache: the attention mask also covers the past tokens
+            if mask.shape != (batch, steps):
+                raise ValueError(f"site {self.name}: mask must be [B, T] = [{batch}, {steps}], got {tuple(mask.shape)}")
+            mask = mask.to(device=counts.device, dtype=torch.bool)[:, :, None]  # [B, T, 1]
+            self.tokens += mask.sum()
+        else:
+            self.tokens += batch * steps
+        magnitude = counts.abs()
+        if self.max_count is None:  # dense twin: the values themselves; only zeros, sum and max mean anything
+            real = magnitude if mask is None else magnitude * mask
+            self.zeros += (magnitude == 0).sum() if mask is None else ((magnitude == 0) & mask).sum()
+            self.sum_abs += real.sum(dtype=self.sum_abs.dtype)
+            self.max_abs = torch.maximum(self.max_abs, real.amax().to(self.max_abs.dtype))
+            return
+        levels = magnitude.round().to(torch.int64)  # integer-valued by contract; round() absorbs float noise
+        if mask is not None:
+            levels = levels * mask
+        self.sum_abs += levels.sum().to(self.sum_abs.dtype)
+        self.max_abs = torch.maximum(self.max_abs, levels.amax().to(self.max_abs.dtype))
+        bins = levels.clamp(max=self.max_count + 1)
+        if mask is not None:
+            bins = torch.where(mask, bins, self.max_count + 2)
+        bins = bins.flatten()
+        ones = torch.ones((), dtype=torch.int64, device=bins.device).expand(bins.numel())
+        self.histogram.index_add_(0, bins, ones)
+
+    def raw(self) -> dict[str, object]:
+        """The totals on the host (one sync per tensor; called by ``report``)."""
+        tokens = int(self.tokens.item())
+        if self.max_count is None:
+            zeros = int(self.zeros.item())
+            histogram: list[int] | None = None
+        else:
+            histogram = self.histogram[: self.max_count + 1].tolist()
+            zeros = histogram[0]
+        return {
+            "tokens": tokens,
+            "elements": tokens * self.channels,
+            "zeros": zeros,
+            "sum_abs": float(self.sum_abs.item()),
+            "max_abs": float(self.max_abs.item()),
+            "overflow": 0 if self.max_count is None else int(self.histogram[self.max_count + 1].item()),
+            "histogram": histogram,
+        }
+
+    def all_reduce(self) -> None:
+        import torch.distributed as dist
+
+        for total in (self.tokens, self.zeros, self.sum_abs, self.histogram):
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        dist.all_reduce(self.max_abs, op=dist.ReduceOp.MAX)
+
+
+@dataclass
+class SpikeStats:
+    """Figures of one site, one layer or the whole model, over the real (non-pad) tokens seen.
+
+    ``elements`` = neurons x real tokens. Per-encoding dicts are keyed by ``binary`` / ``ternary`` / ``bitwise``.
+    Firing rates are ``None`` for dense (``neuron: none``) sites, which have no event train.
+    """
+
+    name: str
+    kind: str
+    tokens: int
+    elements: int
+    zero_fraction: float | None
+    mean_abs_count: float | None  # mean |spike count| per neuron per token
+    max_abs_count: float
+    events: dict[str, int]
+    firing_rate: dict[str, float | None]  # events per neuron per virtual time step
+    synops: dict[str, int]  # accumulates (ACs) the spiking projections perform
+    model_macs: int  # MACs the model itself performs at these sites (dense sites only)
+    dense_macs: int  # MACs of the dense twin for the same tokens: elements x fan_out
+    energy_pj: dict[str, float]  # model_macs x E_MAC + synops x E_AC
+    dense_energy_pj: float  # dense_macs x E_MAC
+    energy_ratio: dict[str, float | None]  # energy_pj / dense_energy_pj (1 for neuron: none)
+    fan_out: int | None = None  # sites only
+    max_count: int | None = None  # sites only
+    histogram: list[int] | None = None  # sites only: number of elements with |count| = 0, 1, ..., max_count
+    layer: str | None = None
+    site_type: str | None = None
+
+
+@dataclass
+class _Totals:
+    """Additive totals from which every figure of a site or a group is derived."""
+
+    tokens: int = 0
+    elements: int = 0
+    zeros: int = 0
+    sum_abs: float = 0.0
+    max_abs: float = 0.0
+    events: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENCODINGS, 0))
+    slots: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENCODINGS, 0))  # elements x S
+    synops: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENCODINGS, 0))
+    model_macs: int = 0
+    dense_macs: int = 0
+
+    def add(self, other: _Totals) -> None:
+        self.tokens = max(self.tokens, other.tokens)  # every site of a group sees the same tokens
+        for name in ("elements", "zeros", "sum_abs", "model_macs", "dense_macs"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.max_abs = max(self.max_abs, other.max_abs)
+        for encoding in ENCODINGS:
+            self.events[encoding] += other.events[encoding]
+            self.slots[encoding] += other.slots[encoding]
+            self.synops[encoding] += other.synops[encoding]
+
+    def stats(self, name: str, kind: str, table: EnergyTable, **site_fields: object) -> SpikeStats:
+        def ratio(num: float, den: float) -> float | None:
+            return num / den if den else None
+
+        energy = {enc: self.model_macs * table.mac_pj + self.synops[enc] * table.ac_pj for enc in ENCODINGS}
+        dense_energy = self.dense_macs * table.mac_pj
+        return SpikeStats(
+            name=name, kind=kind, tokens=self.tokens, elements=self.elements,
+            zero_fraction=ratio(self.zeros, self.elements), mean_abs_count=ratio(self.sum_abs, self.elements),
+            max_abs_count=self.max_abs, events=dict(self.events),
+            firing_rate={enc: ratio(self.events[enc], self.slots[enc]) for enc in ENCODINGS},
+            synops=dict(self.synops), model_macs=self.model_macs, dense_macs=self.dense_macs,
+            energy_pj=energy, dense_energy_pj=dense_energy,
+            energy_ratio={enc: ratio(energy[enc], dense_energy) for enc in ENCODINGS}, **site_fields,
+        )
+
+
+def _site_totals(recorder: _SiteRecorder, raw: dict) -> _Totals:
+    totals = _Totals(tokens=raw["tokens"], elements=raw["elements"], zeros=raw["zeros"], sum_abs=raw["sum_abs"],
+                     max_abs=raw["max_abs"])
+    totals.dense_macs = raw["elements"] * recorder.fan_out
+    if recorder.max_count is None:
+        totals.model_macs = totals.dense_macs
+        return totals
+    histogram = raw["histogram"]
+    for encoding in ENCODINGS:
+        steps = time_steps(encoding, recorder.max_count)
+        if encoding == "bitwise":
+            events = sum(n * bin(level).count("1") for level, n in enumerate(histogram))
+        else:  # one event per unit of |c|; sum_abs is exact also for counts beyond max_count
+            events = round(raw["sum_abs"])
+        totals.events[encoding] = events
+        totals.slots[encoding] = raw["elements"] * steps
+        totals.synops[encoding] = events * recorder.fan_out
+    return totals
+
+
+@dataclass
+class SparsityReport:
+    """Per-site, per-layer and whole-model spike statistics with an energy estimate against the dense twin.
+
+    ``encoding`` names the event train whose ACs the headline figures (``energy_ratio``, the table) use;
+    ``uncounted_macs`` gives dense MACs that are left out of every total (the LM head without a spike site).
+    """
+
+    energy_table: EnergyTable
+    encoding: str
+    kinds: list[str]
+    tokens: int
+    sites: list[SpikeStats]
+    layers: list[SpikeStats]
+    total: SpikeStats
+    counted: list[str]
+    not_counted: list[str]
+    uncounted_macs: dict[str, int]
+    warnings: list[str]
+
+    @property
+    def energy_ratio(self) -> float | None:
+        """Energy of this model / energy of its dense twin for the same tokens (1 for ``neuron: none``)."""
+        return self.total.energy_ratio[self.encoding]
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready data."""
+        data = asdict(self)
+        data["energy_table"] = self.energy_table.to_dict()
+        data["energy_ratio"] = self.energy_ratio
+        return data
+
+    def format_table(self, per_site: bool = False) -> str:
+        """A readable table: one row per layer (and per site with ``per_site``), the totals, the energy table and
+        the comparison with the dense twin."""
+        enc = self.encoding
+        header = (f"{'layer':<28} {'elements':>10} {'zero %':>7} {'mean|c|':>8} {'rate bin':>8} {'rate ter':>8} "
+                  f"{'rate bit':>8} {'SynOps(AC)':>11} {'dense MAC':>10} {'energy':>10} {'ratio':>6}")
+
+        def row(stats: SpikeStats, name: str) -> str:
+            rates = [_fmt(stats.firing_rate[e], ".4f") for e in ENCODINGS]
+            return (f"{name:<28} {_si(stats.elements):>10} {_fmt(stats.zero_fraction, '.2%'):>7} "
+                    f"{_fmt(stats.mean_abs_count, '.4f'):>8} {rates[0]:>8} {rates[1]:>8} {rates[2]:>8} "
+                    f"{_si(stats.synops[enc]):>11} {_si(stats.dense_macs):>10} "
+                    f"{format_energy(stats.energy_pj[enc]):>10} "
+                    f"{_fmt(stats.energy_ratio[enc], '.3f'):>6}")
+
+        lines = [f"spike statistics over {self.tokens} tokens (neuron: {', '.join(self.kinds)}; "
+                 f"SynOps and energy for the {enc} event train)", header, "-" * len(header)]
+        for layer in self.layers:
+            lines.append(row(layer, layer.name))
+            if per_site:
+                lines.extend(row(site, "  " + (site.site_type or site.name)) for site in self.sites
+                             if site.layer == layer.name)
+        lines += ["-" * len(header), row(self.total, "total"), ""]
+        total = self.total
+        lines.append(self.energy_table.describe())
+        ratio = self.energy_ratio
+        saving = "" if not ratio else f" = {1 / ratio:.2f}x less" if ratio <= 1 else f" = {ratio:.2f}x more"
+        per_token = max(self.tokens, 1)
+        lines.append(
+            f"this model: {_si(total.synops[enc])} ACs + {_si(total.model_macs)} MACs = "
+            f"{format_energy(total.energy_pj[enc])} ({format_energy(total.energy_pj[enc] / per_token)}/token)")
+        lines.append(
+            f"dense twin (neuron: none), same tokens: {_si(total.dense_macs)} MACs = "
+            f"{format_energy(total.dense_energy_pj)} ({format_energy(total.dense_energy_pj / per_token)}/token)")
+        lines.append(f"energy ratio (this model / dense twin): {_fmt(ratio, '.4f')}{saving}")
+        lines.append("counted: " + "; ".join(self.counted))
+        lines.append("not counted: " + "; ".join(self.not_counted))
+        for name, macs in self.uncounted_macs.items():
+            lines.append(f"  {name} (not counted, identical in both): {_si(macs)} MACs = "
+                         f"{format_energy(macs * self.energy_table.mac_pj)}")
+        lines.extend(f"warning: {message}" for message in self.warnings)
+        return "\n".join(lines)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _si(value: float) -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:g}"
+
+
+class SparsityMonitor:
+    """Records spike statistics at every spike site of ``model`` while the ``with`` block runs.
+
+    Recording is read-only (outputs stay bit-identical), accumulates on the device without host syncs, and
+    excludes padded positions through the mask each site receives. Observers are removed when the block exits,
+    also on an exception. Totals survive the block: call ``report()`` after it, ``reset()`` to start again.
+    Under activation checkpointing a recomputed forward is recorded twice; measure in eval mode.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._sites = find_spike_sites(model)
+        if not self._sites:
+            raise ValueError(
+                "model has no spike sites (modules with site, fan_out, kind, max_count and observers); "
+                "pass a SpikeLM model (spikelm.modeling.SpikeLMForCausalLM)"
+            )
+        self._names = {id(module): name for name, module in self._sites}
+        self._recorders: dict[int, _SiteRecorder] = {}
+        self._attached = False
+
+    @property
+    def site_names(self) -> list[str]:
+        return [name for name, _ in self._sites]
+
+    def _observe(self, neuron: nn.Module, counts: torch.Tensor, mask: torch.Tensor | None) -> None:
+        recorder = self._recorders.get(id(neuron))
+        if recorder is None:
+            recorder = _SiteRecorder(self._names.get(id(neuron), str(neuron.site)), neuron, counts)
+            self._recorders[id(neuron)] = recorder
+        recorder.update(counts, mask)
+
+    def attach(self) -> SparsityMonitor:
+        if not self._attached:
+            for _, module in self._sites:
+                module.observers.append(self._observe)
+            self._attached = True
+        return self
+
+    def detach(self) -> None:
+        for _, module in self._sites:
+            # Bound methods are new objects on each access, so compare by equality (same monitor, same function).
+            module.observers[:] = [fn for fn in module.observers if fn != self._observe]
+        self._attached = False
+
+    def __enter__(self) -> SparsityMonitor:
+        return self.attach()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.detach()
+
+    def reset(self) -> None:
+        """Forget everything recorded so far."""
+        self._recorders.clear()
+
+    def all_reduce(self) -> None:
+        """Sum the totals over the ranks of ``torch.distributed`` (every rank must have run every site)."""
+        for _, module in self._sites:
+            recorder = self._recorders.get(id(module))
+            if recorder is None:
+                raise ValueError(f"site {self._names[id(module)]} recorded nothing on this rank; run a batch first")
+            recorder.all_reduce()
+
+    def report(self, energy: str | EnergyTable = DEFAULT_ENERGY_TABLE, encoding: str = "binary") -> SparsityReport:
+        """Per-site, per-layer and whole-model figures over everything recorded so far.
+
+        Args:
+            energy: an energy table name (``45nm-fp32``, ``45nm-fp16``, ``45nm-int8``), ``"mac=<pJ>,ac=<pJ>"`` or an
+                ``EnergyTable``.
+            encoding: the event train (``binary``, ``ternary``, ``bitwise``) whose ACs the headline energy uses; the
+                figures of all three are in every ``SpikeStats`` anyway.
+        """
+        table = get_energy_table(energy)
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding={encoding!r} is not one of {', '.join(map(repr, ENCODINGS))}")
+        if not self._recorders:
+            raise ValueError("the monitor recorded nothing: run the model inside `with SparsityMonitor(model):`")
+        sites, problems = [], []
+        layer_totals: dict[str, _Totals] = {}
+        layer_kinds: dict[str, set[str]] = {}
+        total = _Totals()
+        for name, module in self._sites:
+            recorder = self._recorders.get(id(module))
+            if recorder is None:
+                continue  # a site the forward pass did not reach (e.g. an unused branch)
+            raw = recorder.raw()
+            if raw["overflow"]:
+                problems.append(f"site {name}: {raw['overflow']} elements had |count| > "
+                                f"max_count={recorder.max_count}; the bitwise figures count them as max_count")
+            totals = _site_totals(recorder, raw)
+            layer, site_type = split_site_name(name)
+            sites.append(totals.stats(name, recorder.kind, table, fan_out=recorder.fan_out,
+                                      max_count=recorder.max_count, histogram=raw["histogram"], layer=layer,
+                                      site_type=site_type))
+            layer_totals.setdefault(layer, _Totals()).add(totals)
+            layer_kinds.setdefault(layer, set()).add(recorder.kind)
+            total.add(totals)
+        kinds = sorted({site.kind for site in sites})
+        layers = [totals.stats(layer, "/".join(sorted(layer_kinds[layer])), table)
+                  for layer, totals in sorted(layer_totals.items(), key=lambda item: _layer_order(item[0]))]
+        for message in problems:
+            warnings.warn(message, stacklevel=2)
+        return SparsityReport(
+            energy_table=table, encoding=encoding, kinds=kinds, tokens=total.tokens, sites=sites, layers=layers,
+            total=total.stats("total", "/".join(kinds), table), counted=list(COUNTED), not_counted=list(NOT_COUNTED),
+            uncounted_macs=self._uncounted_macs(sites, total.tokens), warnings=problems,
+        )
+
+    def _uncounted_macs(self, sites: list[SpikeStats], tokens: int) -> dict[str, int]:
+        """Dense MACs of the LM head when no spike site feeds it: the same in the model and its twin."""
+        if any("lm_head" in site.name for site in sites):
+            return {}
+        get_head = getattr(self.model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        weight = getattr(head, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            return {}
+        return {"lm_head": tokens * weight.shape[0] * weight.shape[1]}
+
+
+def _layer_order(name: str) -> tuple[int, int, str]:
+    match = re.fullmatch(r"layer\.(\d+)", name)
+    return (0, int(match.group(1)), "") if match else (1, 0, name)
+
+
+def summarize_for_logging(report: SparsityReport) -> dict[str, float]:
+    """Flat scalars for the training loop's metrics files: whole-model figures and per-layer zero fraction, e.g.
+    ``sparsity/zero_fraction``, ``sparsity/energy_ratio``, ``sparsity/layer.3/zero_fraction``."""
+    total, enc = report.total, report.encoding
+    scalars: dict[str, float | None] = {
+        "sparsity/zero_fraction": total.zero_fraction,
+        "sparsity/mean_abs_count": total.mean_abs_count,
+        "sparsity/firing_rate": total.firing_rate[enc],
+        "sparsity/synops_per_token": total.synops[enc] / report.tokens if report.tokens else None,
+        "sparsity/energy_ratio": report.energy_ratio,
+    }
+    for layer in report.layers:
+        scalars[f"sparsity/{layer.name}/zero_fraction"] = layer.zero_fraction
+    return {key: float(value) for key, value in scalars.items() if value is not None}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `spikelm sparsity MODEL_DIR [--text FILE | --recipe RECIPE] ...`
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", type=Path, help="a saved model directory (save_pretrained + tokenizer)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--text", type=Path, help="a UTF-8 text file to run through the model")
+    source.add_argument("--recipe", type=Path, help="a training recipe: use the held-out text of its data section")
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens to measure (default 8192)")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="tokens per sequence (default: the model's context_length, at most 512)")
+    parser.add_argument("--energy", default=DEFAULT_ENERGY_TABLE,
+                        help=f"energy table: {', '.join(ENERGY_TABLES)} or 'mac=<pJ>,ac=<pJ>' "
+                        f"(default {DEFAULT_ENERGY_TABLE})")
+    parser.add_argument("--encoding", choices=ENCODINGS, default="binary",
+                        help="event train whose accumulates the headline energy counts (default binary)")
+    parser.add_argument("--json", type=Path, help="write the full report as JSON here")
+    parser.add_argument("--plot", type=Path, help="draw per-layer zero fraction and firing rate into this PNG")
+    parser.add_argument("--per-site", action="store_true", help="also print one row per spike site")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def _read_text(args: argparse.Namespace) -> str:
+    if args.text is not None:
+        if not args.text.is_file():
+            raise SpikeLMError(f"--text {args.text}: no such file; give a UTF-8 text file of held-out text")
+        text = args.text.read_text(encoding="utf-8", errors="replace")
+        origin = f"--text {args.text}"
+    elif args.recipe is not None:
+        if not args.recipe.is_file():
+            raise SpikeLMError(f"--recipe {args.recipe}: no such file; give a recipe YAML such as recipes/*.yaml")
+        try:
+            from spikelm.data import heldout_text
+            from spikelm.recipe import load_recipe
+        except ImportError as err:
+            raise SpikeLMError(f"--recipe needs spikelm.recipe and spikelm.data ({err}); use --text FILE") from err
+        # ~16 characters per token is generous for any subword vocabulary; the token budget trims the rest.
+        text = heldout_text(load_recipe(args.recipe).data, max_chars=16 * args.tokens)
+        origin = f"held-out text of --recipe {args.recipe}"
+    else:
+        raise SpikeLMError("give the text to measure with --text FILE or --recipe RECIPE")
+    if not text.strip():
+        raise SpikeLMError(f"{origin} is empty; give held-out text with at least a few words")
+    return text
+
+
+def _load_model_and_tokenizer(model_dir: Path, device: torch.device) -> tuple[nn.Module, object]:
+    if not (model_dir / "config.json").is_file():
+        what = "does not exist" if not model_dir.exists() else "has no config.json"
+        raise SpikeLMError(f"model directory {model_dir} {what}; give a folder written by save_pretrained "
+                           "(e.g. the export/ folder of `spikelm train`)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import spikelm  # noqa: F401  (registers SpikeLM with the Auto classes)
+
+    try:
+        from spikelm.tokenizer import load_tokenizer
+    except ImportError:
+        load_tokenizer = AutoTokenizer.from_pretrained
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except (OSError, ValueError) as err:
+        raise SpikeLMError(f"no tokenizer could be loaded from {model_dir} ({err}); save it beside the model") from err
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    return model, tokenizer
+
+
+def _batches(ids: list[int], block_size: int, batch_size: int,
+             pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(input_ids, attention_mask)`` of shape ``[B, L]``; the last block is right-padded (padding after the real
+    tokens cannot change them in a causal model, and the mask keeps the pads out of every count)."""
+    blocks = [ids[start:start + block_size] for start in range(0, len(ids), block_size)]
+    for start in range(0, len(blocks), batch_size):
+        group = blocks[start:start + batch_size]
+        width = max(len(block) for block in group)
+        input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, block in enumerate(group):
+            input_ids[row, : len(block)] = torch.tensor(block)
+            mask[row, : len(block)] = 1
+        yield input_ids, mask
+
+
+def measure_text(model: nn.Module, ids: list[int], *, block_size: int, batch_size: int,
+                 energy: str | EnergyTable = DEFAULT_ENERGY_TABLE, encoding: str = "binary",
+                 progress: bool = True) -> SparsityReport:
+    """Run token ids through ``model`` in blocks of ``[batch_size, block_size]`` and report their spike statistics."""
+    from tqdm.auto import tqdm
+
+    if not ids:
+        raise ValueError("ids is empty; give at least one token")
+    device = next(model.parameters()).device
+    pad_id = getattr(model.config, "pad_token_id", None) or 0
+    total = math.ceil(math.ceil(len(ids) / block_size) / batch_size)
+    with torch.no_grad(), SparsityMonitor(model) as monitor:
+        bar = tqdm(_batches(ids, block_size, batch_size, pad_id), total=total, unit="batch", disable=not progress,
+                   desc="sparsity")
+        for input_ids, mask in bar:
+            model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    return monitor.report(energy=energy, encoding=encoding)
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("tokens", "batch_size", "block_size"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise SpikeLMError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
+    try:
+        table = get_energy_table(args.energy)
+    except ValueError as err:
+        raise SpikeLMError(f"--energy: {err}") from err
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    text = _read_text(args)
+    model, tokenizer = _load_model_and_tokenizer(args.model_dir, device)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.tokens]
+    if not ids:
+        raise SpikeLMError("the text encodes to no tokens; give more held-out text")
+    vocab_size = model.config.vocab_size
+    if max(ids) >= vocab_size:
+        raise SpikeLMError(f"the tokenizer in {args.model_dir} produced id {max(ids)} >= the model's vocab_size "
+                           f"{vocab_size}; save the tokenizer the model was trained with beside it")
+    block_size = args.block_size or min(getattr(model.config, "context_length", 512), 512)
+    report = measure_text(model, ids, block_size=block_size, batch_size=args.batch_size, energy=table,
+                          encoding=args.encoding, progress=True)
+    print(report.format_table(per_site=args.per_site))
+    if args.json is not None:
+        data = {"model_dir": str(args.model_dir), "block_size": block_size, **report.to_dict()}
+        _write_atomically(args.json, json.dumps(data, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        from spikelm.sparsity_plot import plot_report
+
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_report(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)  # never leave a half-written JSON behind
+
+
+__all__ = [
+    "SparsityMonitor", "SparsityReport", "SpikeStats", "summarize_for_logging", "measure_text", "find_spike_sites",
+    "split_site_name", "time_steps", "ENCODINGS", "add_arguments", "run",
+]
