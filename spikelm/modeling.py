@@ -1,20 +1,274 @@
-"""Placeholder: the model helper replaces this file with the real SpikeLMModel / SpikeLMForCausalLM."""
+"""The spiking RWKV language model and its Hugging Face wrapper (DESIGN.md, "The model", "Hugging Face wrapper").
 
+```
+x = ln_in(embed(ids))
+for block: x = x + TimeMix(LN(x)); x = x + ChannelMix(LN(x))
+logits = head(LN(x))          # head tied to the embedding by default
+```
+
+The model is recurrent: ``forward`` on a whole sequence equals feeding it token by token (or in any chunks) with
+the ``SpikeLMCache`` returned as ``past_key_values``. Left-padded batches with an ``attention_mask`` give each
+prompt's own result: pads are zeroed in front of every state (see ``time_mix.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from spikelm.cache import SpikeLMCache
+from spikelm.channel_mix import ChannelMix
 from spikelm.config import SpikeLMConfig
+from spikelm.neurons import GatedNeuron, SpikingLinear, SpikingNeuron, build_neuron
+from spikelm.time_mix import build_time_mix
+
+
+class SpikeLMBlock(nn.Module):
+    """One pre-norm residual block: TimeMix then ChannelMix. State: ``{"time_mix": ..., "channel_mix": ...}``."""
+
+    def __init__(self, config: SpikeLMConfig, layer_id: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.time_mix = build_time_mix(config, layer_id)
+        self.ln2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.channel_mix = ChannelMix(config, layer_id)
+
+    def forward(self, x: Tensor, state: dict[str, Any] | None = None, mask: Tensor | None = None,
+                use_cache: bool = False) -> tuple[Tensor, dict[str, Any] | None]:
+        """``x [B, T, C]`` -> ``(x [B, T, C], new_state or None)``."""
+        state = state or {}
+        mixed, time_state = self.time_mix(self.ln1(x), state.get("time_mix"), mask, use_cache)
+        x = x + mixed
+        mixed, channel_state = self.channel_mix(self.ln2(x), state.get("channel_mix"), mask, use_cache)
+        x = x + mixed
+        return x, ({"time_mix": time_state, "channel_mix": channel_state} if use_cache else None)
 
 
 class SpikeLMPreTrainedModel(PreTrainedModel):
+    """Weight init, checkpointing and cache plumbing shared by the base model and the LM."""
+
     config_class = SpikeLMConfig
+    config: SpikeLMConfig
     base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SpikeLMBlock"]
+    _is_stateful = True
+    # Decays, bonuses and neuron gates stay fp32 even when the model is loaded in bf16/fp16.
+    _keep_in_fp32_modules_strict = ["time_decay", "time_first", "bonus", "forget_logit"]
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # The state is a recurrent SpikeLMCache, created by forward on the first call; never a KV DynamicCache.
+        return False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, nn.Linear) and hasattr(module, "init_std"):
+            init.normal_(module.weight, mean=0.0, std=module.init_std)
+        elif isinstance(module, GatedNeuron):
+            logit = torch.logit(torch.tensor(module.forget_init)).item()
+            init.constant_(module.forget_logit, logit)
+        elif hasattr(module, "init_recurrence_"):
+            module.init_recurrence_()
 
 
 class SpikeLMModel(SpikeLMPreTrainedModel):
-    def __init__(self, config):
-        raise NotImplementedError("SpikeLMModel is being written")
+    """Embeddings, blocks and the final norm; returns the last hidden state ``[B, T, C]`` and the cache."""
+
+    def __init__(self, config: SpikeLMConfig) -> None:
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        # RWKV's ln0: normalises the embeddings before the first block.
+        self.ln_in = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.layers = nn.ModuleList(SpikeLMBlock(config, i) for i in range(config.num_hidden_layers))
+        self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        for name, module in self.named_modules():
+            if isinstance(module, SpikingLinear):
+                module.neuron.site = name
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings = value
+
+    def _check_input_ids(self, input_ids: Tensor) -> None:
+        if input_ids.dtype.is_floating_point:
+            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = high if high >= self.config.vocab_size else low
+            raise ValueError(
+                f"input_ids contain token id {bad} but the model's vocabulary has {self.config.vocab_size} tokens "
+                f"(ids 0..{self.config.vocab_size - 1}); the tokenizer probably does not match this model"
+            )
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values: SpikeLMCache | None = None,
+        use_cache: bool | None = None,
+        inputs_embeds: Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast | tuple:
+        """Run the blocks.
+
+        Args:
+            input_ids: ``[B, T]`` token ids (or give ``inputs_embeds [B, T, C]``).
+            attention_mask: ``[B, T_total]`` 1 = real token, 0 = pad; only its last T columns are used (generate
+                passes the mask of the whole sequence). Pads must come before the real tokens (left padding).
+            past_key_values: a ``SpikeLMCache`` from a previous call, continued in place.
+            use_cache: return the updated cache (default ``config.use_cache``; off in checkpointed training).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids [B, T] or inputs_embeds [B, T, C]")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+            if input_ids.shape[1] == 0:
+                raise ValueError("the input is empty (T = 0 tokens); give at least one token, e.g. a BOS token")
+            self._check_input_ids(input_ids)
+            inputs_embeds = self.embeddings(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
+            raise ValueError(f"inputs_embeds must be [B, T, C] with T >= 1, got shape {tuple(inputs_embeds.shape)}")
+        B, T, _ = inputs_embeds.shape
+        mask = self._token_mask(attention_mask, B, T)
+
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        checkpointing = self.gradient_checkpointing and self.training
+        if checkpointing and use_cache:
+            use_cache = False  # a checkpointed block runs twice; a cache would be written twice
+        if past_key_values is not None and not isinstance(past_key_values, SpikeLMCache):
+            raise ValueError(f"past_key_values must be the SpikeLMCache returned by this model, got "
+                             f"{type(past_key_values).__name__}")
+        cache = past_key_values
+        if use_cache and cache is None:
+            cache = SpikeLMCache(len(self.layers))
+
+        x = self.ln_in(inputs_embeds)
+        hidden_states = (x,) if output_hidden_states else None
+        for i, block in enumerate(self.layers):
+            state = cache.layers[i] if cache is not None else None
+            if checkpointing:
+                x, new_state = self._gradient_checkpointing_func(block.__call__, x, state, mask, False)
+            else:
+                x, new_state = block(x, state, mask, use_cache)
+            if use_cache:
+                cache.layers[i] = new_state
+            if output_hidden_states:
+                hidden_states += (x,)
+        x = self.ln_out(x)
+        if use_cache:
+            cache.seen_tokens += T
+        output = BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache if use_cache else None,
+                                         hidden_states=hidden_states)
+        return output if return_dict is not False else output.to_tuple()
+
+    @staticmethod
+    def _token_mask(attention_mask: Tensor | None, batch: int, length: int) -> Tensor | None:
+        """``[B, T]`` bool of real tokens, or ``None`` when every token is real (the fast path)."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
+            raise ValueError(f"attention_mask must be [B, >= T] = [{batch}, >= {length}] (1 = token, 0 = pad), "
+                             f"got shape {tuple(attention_mask.shape)}")
+        mask = attention_mask[:, -length:].bool()
+        return None if bool(mask.all()) else mask
 
 
 class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
-    def __init__(self, config):
-        raise NotImplementedError("SpikeLMForCausalLM is being written")
+    """``SpikeLMModel`` plus the LM head (tied to the embedding by default) and the shifted LM loss."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: SpikeLMConfig) -> None:
+        super().__init__(config)
+        self.model = SpikeLMModel(config)
+        self.head_neuron: SpikingNeuron | None = None
+        if config.spike_lm_head:
+            self.head_neuron = build_neuron(config, config.vocab_size, config.hidden_size)
+            self.head_neuron.site = "lm_head"
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embeddings = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values: SpikeLMCache | None = None,
+        use_cache: bool | None = None,
+        labels: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Logits ``[B, T, V]`` (fp32 loss over ``labels [B, T]`` shifted by one, ``-100`` ignored).
+
+        ``logits_to_keep > 0`` computes logits for the last that many positions only (generate's prefill).
+        """
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                             use_cache=use_cache, inputs_embeds=inputs_embeds,
+                             output_hidden_states=output_hidden_states, return_dict=True)
+        hidden = outputs.last_hidden_state
+        cache = outputs.past_key_values
+        if self.head_neuron is not None:
+            mask = SpikeLMModel._token_mask(attention_mask, hidden.shape[0], hidden.shape[1])
+            hidden, head_state = self.head_neuron(hidden, cache.head_state if cache is not None else None, mask)
+            if cache is not None:
+                cache.head_state = head_state
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(f"labels must be [B, T] = {tuple(logits.shape[:2])} like input_ids, "
+                                 f"got {tuple(labels.shape)}")
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache,
+                                        hidden_states=outputs.hidden_states)
+        return output if return_dict is not False else output.to_tuple()
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, next_sequence_length: int | None = None,
+                                      past_key_values: SpikeLMCache | None = None, **kwargs: Any) -> dict[str, Any]:
+        # With a cache, feed only the tokens the state has not consumed yet: the recurrence carries the rest.
+        if past_key_values is not None and next_sequence_length is None:
+            next_sequence_length = max(input_ids.shape[1] - past_key_values.get_seq_length(), 1)
+        return super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length,
+                                                     past_key_values=past_key_values, **kwargs)
+
+
+def spike_sites(model: nn.Module) -> dict[str, SpikingNeuron]:
+    """Every spike site of a SpikeLM model, by site name (``"layers.0.time_mix.key"``, ..., ``"lm_head"``)."""
+    return {module.site: module for module in model.modules() if isinstance(module, SpikingNeuron)}
+
+
+__all__ = ["SpikeLMBlock", "SpikeLMPreTrainedModel", "SpikeLMModel", "SpikeLMForCausalLM", "spike_sites"]
