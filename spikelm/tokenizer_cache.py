@@ -1,0 +1,206 @@
+"""Tokenizers for recipes: trained from the recipe's data and cached by content, or loaded from a directory.
+
+The cache key is a hash of the exact training text and the training settings, so a second run with the same data
+reuses ``cache_dir/tokenizers/<hash>/`` and a change of text, vocabulary size or byte fallback trains a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spikelm.data_sources import (
+    DataConfig,
+    TokenizerConfig,
+    document_bucket,
+    is_heldout_bucket,
+    load_documents,
+    split_documents,
+)
+from spikelm.errors import SpikeLMError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# Bump when the way a tokenizer is trained changes, so old cache entries are not reused.
+TOKENIZER_CACHE_VERSION = 1
+
+
+def training_sample(data_cfg: DataConfig, max_chars: int, cache_dir: Path) -> list[str]:
+    """The first ``max_chars`` characters of training-split documents, in source order (held-out text excluded).
+
+    Returned as documents; the last one is cut so that the total is at most ``max_chars``.
+    """
+    if data_cfg.streaming:
+        train_texts = (
+            row["text"] for row in load_documents(data_cfg, streaming=True)
+            if not is_heldout_bucket(document_bucket(row["text"]), data_cfg)
+        )
+    else:
+        ds = load_documents(data_cfg, streaming=False, cache_dir=cache_dir / "hf_datasets")
+        train_idx, _ = split_documents(ds, data_cfg)
+        train_texts = (row["text"] for row in ds.select(train_idx))
+    sample: list[str] = []
+    remaining = max_chars
+    for text in train_texts:
+        if not text:
+            continue
+        sample.append(text[:remaining])
+        remaining -= len(sample[-1])
+        if remaining <= 0:
+            break
+    if not any(t.strip() for t in sample):
+        raise SpikeLMError(f"data.source {data_cfg.source!r} holds no text to train a tokenizer on; check the files")
+    return sample
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of everything that decides a tokenizer's ids: the full serialised fast tokenizer, else its model file."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        payload = backend.to_str().encode("utf-8")
+    else:
+        vocab_file = getattr(tokenizer, "vocab_file", None)
+        if vocab_file and os.path.isfile(vocab_file):
+            payload = Path(vocab_file).read_bytes()
+        else:
+            payload = json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8")
+    extra = json.dumps([type(tokenizer).__name__, len(tokenizer), tokenizer.eos_token_id]).encode("utf-8")
+    return hashlib.sha256(payload + extra).hexdigest()
+
+
+def _training_key(tok_cfg: TokenizerConfig, sample: list[str]) -> str:
+    digest = hashlib.sha256()
+    settings = {"version": TOKENIZER_CACHE_VERSION, "vocab_size": tok_cfg.vocab_size,
+                "byte_fallback": tok_cfg.byte_fallback, "sample_chars": tok_cfg.sample_chars}
+    digest.update(json.dumps(settings, sort_keys=True).encode("utf-8"))
+    for text in sample:
+        # Length-prefixed so that moving a boundary between documents changes the hash.
+        encoded = text.encode("utf-8")
+        digest.update(len(encoded).to_bytes(8, "little"))
+        digest.update(encoded)
+    return digest.hexdigest()[:20]
+
+
+def _lines(sample: list[str]) -> list[str]:
+    # sentencepiece skips "sentences" longer than max_sentence_length (4192 bytes), i.e. whole documents: feed lines.
+    return [line for text in sample for line in text.splitlines() if line.strip()]
+
+
+def _train_sentencepiece_until_tokenizer_module_lands(lines: list[str], vocab_size: int, out_dir: Path,
+                                                      byte_fallback: bool) -> None:
+    """TEMPORARY private stand-in for ``spikelm.tokenizer.train_tokenizer`` (not written yet by its owner)."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=byte_fallback, pad_id=0, bos_id=1, eos_id=2, unk_id=3, character_coverage=1.0,
+        num_threads=1, split_digits=True, minloglevel=2,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "tokenizer.model").write_bytes(model.getvalue())
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "pad_token": "<pad>", "add_bos_token": False, "add_eos_token": False, "legacy": False}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _train_into(tok_cfg: TokenizerConfig, sample: list[str], out_dir: Path) -> None:
+    try:
+        from spikelm.tokenizer import train_tokenizer
+    except ImportError:
+        train_tokenizer = None
+    try:
+        if train_tokenizer is None:
+            _train_sentencepiece_until_tokenizer_module_lands(_lines(sample), tok_cfg.vocab_size, out_dir,
+                                                              tok_cfg.byte_fallback)
+        elif tok_cfg.byte_fallback:
+            train_tokenizer(_lines(sample), tok_cfg.vocab_size, out_dir)
+        else:
+            train_tokenizer(_lines(sample), tok_cfg.vocab_size, out_dir, byte_fallback=False)
+    except RuntimeError as err:  # sentencepiece reports e.g. a vocabulary too large for the text this way
+        raise SpikeLMError(
+            f"tokenizer: training a {tok_cfg.vocab_size}-token BPE failed: {err}. Lower tokenizer.vocab_size or "
+            "raise tokenizer.sample_chars"
+        ) from err
+
+
+def _load(path: Path) -> PreTrainedTokenizerBase:
+    try:
+        from spikelm.tokenizer import load_tokenizer
+    except ImportError:  # TEMPORARY until spikelm.tokenizer lands
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path))
+    return load_tokenizer(path)
+
+
+def prepare_tokenizer(tok_cfg: TokenizerConfig, data_cfg: DataConfig, cache_dir: Path) -> PreTrainedTokenizerBase:
+    """Load ``tok_cfg.path``, or train a sentencepiece BPE on the data, cached in ``cache_dir/tokenizers/<hash>/``.
+
+    The hash covers the exact training text (``tok_cfg.sample_chars`` characters of training-split documents) and
+    the settings. Training writes into a temporary directory renamed into place when complete, so an interrupted
+    run never leaves a directory that looks like a finished tokenizer. With ``torch.distributed`` initialised, rank
+    0 trains first and the other ranks then find it in the cache (or train their own on a node-local cache).
+    """
+    if tok_cfg.path is not None:
+        path = Path(tok_cfg.path).expanduser()
+        if not path.is_dir():
+            raise SpikeLMError(f"tokenizer.path: {str(path)!r} is not a directory; train one by removing "
+                               "tokenizer.path, or point it at a saved tokenizer")
+        return _load(path)
+
+    from spikelm.data import rank_zero_first
+
+    return rank_zero_first(lambda: _prepare_cached(tok_cfg, data_cfg, Path(cache_dir)))
+
+
+def _prepare_cached(tok_cfg: TokenizerConfig, data_cfg: DataConfig, cache_dir: Path) -> PreTrainedTokenizerBase:
+    from spikelm.data import file_lock
+
+    sample = training_sample(data_cfg, tok_cfg.sample_chars, cache_dir)
+    key = _training_key(tok_cfg, sample)
+    root = cache_dir / "tokenizers"
+    final = root / key
+    root.mkdir(parents=True, exist_ok=True)
+    with file_lock(root / f"{key}.lock"):
+        if not final.is_dir():
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
+            try:
+                _train_into(tok_cfg, sample, tmp)
+                meta: dict[str, Any] = {"key": key, "vocab_size": tok_cfg.vocab_size,
+                                        "byte_fallback": tok_cfg.byte_fallback, "sample_chars": tok_cfg.sample_chars,
+                                        "sample_docs": len(sample), "source": data_cfg.source}
+                (tmp / "spikelm_tokenizer_cache.json").write_text(json.dumps(meta, indent=2))
+                os.replace(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return _load(final)
+
+
+def check_vocab(tokenizer: PreTrainedTokenizerBase, model_config: Any) -> None:
+    """Raise ``SpikeLMError`` unless the tokenizer fits the model: same vocabulary size and special ids.
+
+    ``model_config`` is a ``SpikeLMConfig`` (anything with ``vocab_size`` and optional ``*_token_id`` fields).
+    """
+    tokens = len(tokenizer)
+    if tokens != model_config.vocab_size:
+        raise SpikeLMError(
+            f"the tokenizer has {tokens} tokens but the model's vocab_size is {model_config.vocab_size}; set "
+            f"model.vocab_size: {tokens} in the recipe (or tokenizer.vocab_size: {model_config.vocab_size} to "
+            "train a matching tokenizer)"
+        )
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        model_id = getattr(model_config, name, None)
+        tok_id = getattr(tokenizer, name, None)
+        if model_id is not None and tok_id is not None and model_id != tok_id:
+            raise SpikeLMError(
+                f"the tokenizer's {name} is {tok_id} but the model's is {model_id}; set model.{name}: {tok_id}"
+            )
