@@ -1,0 +1,92 @@
+"""rwkv6_scan Triton kernels (fused-recurrent and chunked) against the float32 naive loop.
+
+Without CUDA these run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes are tiny.
+The ``gpu`` tests at the bottom use real shapes and run only on a CUDA machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_rwkv6 import TOLERANCE, assert_close, make_inputs, oracle, rel_rms, run_with_grads
+
+from spikelm.kernels import rwkv6_scan
+from spikelm.kernels.rwkv6 import naive_rwkv6
+from spikelm.kernels.utils import triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="needs CUDA or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter stores bf16 by truncation and the GPU's fp32 tl.dot paths differ slightly from torch's.
+TRITON_MODES = ["fused_recurrent"]
+TRITON_TOLERANCE = {torch.float32: 5e-5, torch.bfloat16: 2e-2}
+
+CASES = [
+    # B, T, H, K, V, dtype, decay
+    pytest.param(2, 13, 2, 16, 16, torch.float32, "normal", id="B2-T13-H2-K16-fp32"),
+    pytest.param(1, 21, 1, 48, 48, torch.float32, "normal", id="B1-T21-K48-fp32"),
+    pytest.param(1, 9, 1, 16, 64, torch.float32, "normal", id="B1-T9-K16-V64-two-value-blocks-fp32"),
+    pytest.param(2, 1, 1, 16, 16, torch.float32, "normal", id="B2-T1-fp32"),
+    pytest.param(1, 19, 2, 16, 16, torch.float32, "strong", id="B1-T19-strong-decay-fp32"),
+    pytest.param(2, 13, 2, 16, 16, torch.bfloat16, "normal", id="B2-T13-H2-K16-bf16"),
+    pytest.param(1, 21, 1, 48, 48, torch.bfloat16, "normal", id="B1-T21-K48-bf16"),
+]
+
+
+def on_device(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: x.to(DEVICE) for name, x in inputs.items()}
+
+
+def to_cpu(result: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: x.cpu() for name, x in result.items()}
+
+
+@pytest.mark.parametrize("mode", TRITON_MODES)
+@pytest.mark.parametrize("B, T, H, K, V, dtype, decay", CASES)
+def test_triton_matches_naive(mode, B, T, H, K, V, dtype, decay):
+    inputs = make_inputs(B, T, H, K, V, dtype, decay)
+    expected = oracle(inputs)
+    actual = to_cpu(run_with_grads(lambda **kw: rwkv6_scan(**kw, backend="triton", mode=mode), on_device(inputs)))
+    assert actual["o"].dtype == dtype and actual["final_state"].dtype == torch.float32
+    assert_close(actual, expected, TRITON_TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("mode", TRITON_MODES)
+def test_triton_without_initial_or_final_state(mode):
+    # No initial state (zeros, no gradient) and no final-state gradient: the kernels' optional paths.
+    inputs = make_inputs(1, 11, 2, 16, 16, torch.float32)
+    inputs.pop("initial_state")
+    leaves = {n: x.clone().requires_grad_(True) for n, x in inputs.items()}
+    o, final = rwkv6_scan(**leaves, backend="triton", mode=mode)
+    assert final is None
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad((o * do).sum(), list(leaves.values()))
+    ref_leaves = {n: x.clone().requires_grad_(True) for n, x in inputs.items()}
+    o_ref, _ = naive_rwkv6(**ref_leaves)
+    ref_grads = torch.autograd.grad((o_ref * do).sum(), list(ref_leaves.values()))
+    assert rel_rms(o, o_ref) < TRITON_TOLERANCE[torch.float32]
+    for name, g, g_ref in zip(inputs, grads, ref_grads, strict=True):
+        assert rel_rms(g, g_ref) < TRITON_TOLERANCE[torch.float32], name
+
+
+def test_auto_mode_and_bad_triton_options():
+    inputs = make_inputs(1, 3, 1, 16, 16, torch.float32)
+    o, _ = rwkv6_scan(**inputs, backend="triton")  # T <= 64: fused-recurrent
+    assert rel_rms(o, naive_rwkv6(**inputs)[0]) < TRITON_TOLERANCE[torch.float32]
+
+
+GPU_CASES = [
+    pytest.param(4, 1000, 8, 64, 64, torch.float32, id="B4-T1000-H8-K64-fp32"),
+    pytest.param(4, 1000, 8, 64, 64, torch.bfloat16, id="B4-T1000-H8-K64-bf16"),
+    pytest.param(2, 333, 4, 128, 128, torch.bfloat16, id="B2-T333-H4-K128-bf16"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", TRITON_MODES)
+@pytest.mark.parametrize("B, T, H, K, V, dtype", GPU_CASES)
+def test_triton_real_shapes_on_gpu(mode, B, T, H, K, V, dtype):
+    inputs = on_device(make_inputs(B, T, H, K, V, dtype))
+    expected = run_with_grads(lambda **kw: rwkv6_scan(**kw, backend="torch"), {n: x.float() if n != "initial_state"
+                                                                             else x for n, x in inputs.items()})
+    actual = run_with_grads(lambda **kw: rwkv6_scan(**kw, backend="triton", mode=mode), inputs)
+    assert_close(actual, expected, max(TRITON_TOLERANCE[dtype], TOLERANCE[dtype]) * 2)
