@@ -13,6 +13,9 @@ prompt's own result: pads are zeroed in front of every state (see ``time_mix.py`
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +30,14 @@ from spikelm.channel_mix import ChannelMix
 from spikelm.config import SpikeLMConfig
 from spikelm.neurons import GatedNeuron, SpikingLinear, SpikingNeuron, build_neuron
 from spikelm.time_mix import build_time_mix
+
+# Saved models point the Auto factories at thin modules that import the installed spikelm (see spikelm/remote/).
+REMOTE_DIR = Path(__file__).parent / "remote"
+AUTO_MAP = {
+    "AutoConfig": "configuration_spikelm.SpikeLMConfig",
+    "AutoModel": "modeling_spikelm.SpikeLMModel",
+    "AutoModelForCausalLM": "modeling_spikelm.SpikeLMForCausalLM",
+}
 
 
 class SpikeLMBlock(nn.Module):
@@ -67,6 +78,19 @@ class SpikeLMPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         # The state is a recurrent SpikeLMCache, created by forward on the first call; never a KV DynamicCache.
         return False
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """``PreTrainedModel.save_pretrained`` (safetensors) plus an ``auto_map`` and its thin modules.
+
+        A program that never imports spikelm can then load the directory with
+        ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` (spikelm must be installed).
+        """
+        self.config.auto_map = dict(AUTO_MAP)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            for module_file in {name.split(".")[0] + ".py" for name in AUTO_MAP.values()}:
+                shutil.copyfile(REMOTE_DIR / module_file, Path(save_directory) / module_file)
+        return result
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
