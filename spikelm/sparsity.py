@@ -329,7 +329,10 @@ class SparsityReport:
         total = self.total
         lines.append(self.energy_table.describe())
         ratio = self.energy_ratio
-        saving = "" if not ratio else f" = {1 / ratio:.2f}x less" if ratio <= 1 else f" = {ratio:.2f}x more"
+        if ratio is None or ratio == 0 or abs(ratio - 1) < 1e-9:
+            saving = ""
+        else:
+            saving = f" = {1 / ratio:.3g}x less" if ratio < 1 else f" = {ratio:.3g}x more"
         per_token = max(self.tokens, 1)
         lines.append(
             f"this model: {_si(total.synops[enc])} ACs + {_si(total.model_macs)} MACs = "
@@ -338,10 +341,12 @@ class SparsityReport:
             f"dense twin (neuron: none), same tokens: {_si(total.dense_macs)} MACs = "
             f"{format_energy(total.dense_energy_pj)} ({format_energy(total.dense_energy_pj / per_token)}/token)")
         lines.append(f"energy ratio (this model / dense twin): {_fmt(ratio, '.4f')}{saving}")
-        lines.append("counted: " + "; ".join(self.counted))
-        lines.append("not counted: " + "; ".join(self.not_counted))
+        lines.append("counted:")
+        lines.extend(f"  - {item}" for item in self.counted)
+        lines.append("not counted (in neither the model nor its dense twin):")
+        lines.extend(f"  - {item}" for item in self.not_counted)
         for name, macs in self.uncounted_macs.items():
-            lines.append(f"  {name} (not counted, identical in both): {_si(macs)} MACs = "
+            lines.append(f"  - {name}, left out of the totals: {_si(macs)} MACs = "
                          f"{format_energy(macs * self.energy_table.mac_pj)}")
         lines.extend(f"warning: {message}" for message in self.warnings)
         return "\n".join(lines)
@@ -597,8 +602,9 @@ def measure_text(model: nn.Module, ids: list[int], *, block_size: int, batch_siz
     pad_id = getattr(model.config, "pad_token_id", None) or 0
     total = math.ceil(math.ceil(len(ids) / block_size) / batch_size)
     with torch.no_grad(), SparsityMonitor(model) as monitor:
-        bar = tqdm(_batches(ids, block_size, batch_size, pad_id), total=total, unit="batch", disable=not progress,
-                   desc="sparsity")
+        # disable=None: a bar on a terminal, none in logs and pipes
+        bar = tqdm(_batches(ids, block_size, batch_size, pad_id), total=total, unit="batch", desc="sparsity",
+                   disable=None if progress else True)
         for input_ids, mask in bar:
             model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
     return monitor.report(energy=energy, encoding=encoding)

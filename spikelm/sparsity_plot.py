@@ -24,7 +24,7 @@ def plot_report(report: SparsityReport, path: str | Path) -> Path:
         layer, site_type = split_site_name(site.name)
         by_type.setdefault(site_type, []).append((position[layer], site))
 
-    figure, (zero_axis, rate_axis) = plt.subplots(2, 1, figsize=(max(6.0, 0.5 * len(layer_names) + 4), 7),
+    figure, (zero_axis, rate_axis) = plt.subplots(2, 1, figsize=(max(9.0, 0.4 * len(layer_names) + 6), 7),
                                                   sharex=True)
     for site_type, points in sorted(by_type.items()):
         points.sort(key=lambda item: item[0])
@@ -36,9 +36,10 @@ def plot_report(report: SparsityReport, path: str | Path) -> Path:
     total = report.total
     zero_axis.set_ylabel("zero fraction")
     zero_axis.set_ylim(0.0, 1.0)
-    zero_axis.set_title(
-        f"whole model: zero fraction {_pct(total.zero_fraction)}, energy ratio vs dense twin "
-        f"{'-' if report.energy_ratio is None else f'{report.energy_ratio:.3f}'} ({report.energy_table.name})"
+    ratio = "-" if report.energy_ratio is None else f"{report.energy_ratio:.3g}"
+    figure.suptitle(
+        f"neuron {'/'.join(report.kinds)}, {report.tokens} tokens: zero fraction {_pct(total.zero_fraction)}, "
+        f"energy vs dense twin {ratio} ({report.energy_table.name}, {report.encoding} train)", fontsize="medium"
     )
     rate_axis.set_ylabel(f"firing rate ({report.encoding} train)")
     if total.firing_rate[report.encoding] is None:
@@ -48,9 +49,10 @@ def plot_report(report: SparsityReport, path: str | Path) -> Path:
     rate_axis.set_xlabel("layer")
     for axis in (zero_axis, rate_axis):
         axis.grid(alpha=0.3)
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize="small", ncol=2)
-    figure.tight_layout()
+    # one legend for both panels, outside the plotting area so it never hides a line
+    handles, labels = zero_axis.get_legend_handles_labels()
+    figure.legend(handles, labels, title="site type", fontsize="small", loc="center right")
+    figure.tight_layout(rect=(0.0, 0.0, 0.78, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
