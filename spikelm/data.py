@@ -499,8 +499,9 @@ class BatchLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()`` of a loader over the same data (any world size)."""
         if state.get("streaming") != self.streaming:
-            raise ValueError("BatchLoader.load_state_dict: the state is from a "
-                             f"{'streaming' if state.get('streaming') else 'map-style'} loader; this one is not")
+            kinds = ("map-style", "streaming")
+            raise ValueError(f"BatchLoader.load_state_dict: the state is from a {kinds[bool(state.get('streaming'))]} "
+                             f"loader, this one is {kinds[self.streaming]}; resume with the same data.streaming")
         for name in ("seed", "shuffle"):
             if state[name] != getattr(self, name):
                 raise ValueError(f"BatchLoader.load_state_dict: saved {name}={state[name]!r} differs from this "

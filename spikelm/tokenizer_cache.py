@@ -87,58 +87,22 @@ def _training_key(tok_cfg: TokenizerConfig, sample: list[str]) -> str:
     return digest.hexdigest()[:20]
 
 
-def _lines(sample: list[str]) -> list[str]:
-    # sentencepiece skips "sentences" longer than max_sentence_length (4192 bytes), i.e. whole documents: feed lines.
-    return [line for text in sample for line in text.splitlines() if line.strip()]
-
-
-def _train_sentencepiece_until_tokenizer_module_lands(lines: list[str], vocab_size: int, out_dir: Path,
-                                                      byte_fallback: bool) -> None:
-    """TEMPORARY private stand-in for ``spikelm.tokenizer.train_tokenizer`` (not written yet by its owner)."""
-    import io
-
-    import sentencepiece as spm
-
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=byte_fallback, pad_id=0, bos_id=1, eos_id=2, unk_id=3, character_coverage=1.0,
-        num_threads=1, split_digits=True, minloglevel=2,
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "tokenizer.model").write_bytes(model.getvalue())
-    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-              "pad_token": "<pad>", "add_bos_token": False, "add_eos_token": False, "legacy": False}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-
-
 def _train_into(tok_cfg: TokenizerConfig, sample: list[str], out_dir: Path) -> None:
+    from spikelm.tokenizer import train_tokenizer
+
     try:
-        from spikelm.tokenizer import train_tokenizer
-    except ImportError:
-        train_tokenizer = None
-    try:
-        if train_tokenizer is None:
-            _train_sentencepiece_until_tokenizer_module_lands(_lines(sample), tok_cfg.vocab_size, out_dir,
-                                                              tok_cfg.byte_fallback)
-        elif tok_cfg.byte_fallback:
-            train_tokenizer(_lines(sample), tok_cfg.vocab_size, out_dir)
-        else:
-            train_tokenizer(_lines(sample), tok_cfg.vocab_size, out_dir, byte_fallback=False)
-    except RuntimeError as err:  # sentencepiece reports e.g. a vocabulary too large for the text this way
+        train_tokenizer(sample, tok_cfg.vocab_size, out_dir, byte_fallback=tok_cfg.byte_fallback)
+    except RuntimeError as err:  # sentencepiece's own checks (vocabulary too small for the characters, ...)
+        chars = sum(len(text) for text in sample)
         raise SpikeLMError(
-            f"tokenizer: training a {tok_cfg.vocab_size}-token BPE failed: {err}. Lower tokenizer.vocab_size or "
-            "raise tokenizer.sample_chars"
+            f"tokenizer: training a {tok_cfg.vocab_size}-token BPE on {chars} characters failed: {err}. Change "
+            "tokenizer.vocab_size as sentencepiece says, or train on more text (tokenizer.sample_chars)"
         ) from err
 
 
 def _load(path: Path) -> PreTrainedTokenizerBase:
-    try:
-        from spikelm.tokenizer import load_tokenizer
-    except ImportError:  # TEMPORARY until spikelm.tokenizer lands
-        from transformers import AutoTokenizer
+    from spikelm.tokenizer import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(str(path))
     return load_tokenizer(path)
 
 
