@@ -17,8 +17,8 @@ from spikelm.kernels.utils import triton_available
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs CUDA or TRITON_INTERPRET=1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter stores bf16 by truncation and the GPU's fp32 tl.dot paths differ slightly from torch's.
-TRITON_MODES = ["fused_recurrent"]
-TRITON_TOLERANCE = {torch.float32: 5e-5, torch.bfloat16: 2e-2}
+TRITON_MODES = ["fused_recurrent", "chunk"]
+TRITON_TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 CASES = [
     # B, T, H, K, V, dtype, decay
@@ -68,10 +68,31 @@ def test_triton_without_initial_or_final_state(mode):
         assert rel_rms(g, g_ref) < TRITON_TOLERANCE[torch.float32], name
 
 
+CHUNK_CASES = [
+    # B, T, H, K, V, dtype, decay, chunk_size: several chunks, a partial last one, each chunk size
+    pytest.param(1, 40, 1, 16, 16, torch.float32, "strong", 16, id="T40-C16-3-chunks-strong-decay-fp32"),
+    pytest.param(1, 70, 1, 32, 32, torch.float32, "normal", 32, id="T70-C32-K32-fp32"),
+    pytest.param(1, 65, 1, 16, 16, torch.float32, "normal", 64, id="T65-C64-fp32"),
+    pytest.param(1, 40, 1, 16, 16, torch.bfloat16, "strong", 16, id="T40-C16-strong-decay-bf16"),
+]
+
+
+@pytest.mark.parametrize("B, T, H, K, V, dtype, decay, chunk_size", CHUNK_CASES)
+def test_triton_chunk_sizes_match_naive(B, T, H, K, V, dtype, decay, chunk_size):
+    inputs = make_inputs(B, T, H, K, V, dtype, decay)
+    expected = oracle(inputs)
+    actual = to_cpu(run_with_grads(
+        lambda **kw: rwkv6_scan(**kw, backend="triton", mode="chunk", chunk_size=chunk_size), on_device(inputs)))
+    assert_close(actual, expected, TRITON_TOLERANCE[dtype])
+
+
 def test_auto_mode_and_bad_triton_options():
-    inputs = make_inputs(1, 3, 1, 16, 16, torch.float32)
-    o, _ = rwkv6_scan(**inputs, backend="triton")  # T <= 64: fused-recurrent
-    assert rel_rms(o, naive_rwkv6(**inputs)[0]) < TRITON_TOLERANCE[torch.float32]
+    for T in (3, 65):  # T <= 64: fused-recurrent, otherwise chunked
+        inputs = make_inputs(1, T, 1, 16, 16, torch.float32)
+        o, _ = rwkv6_scan(**on_device(inputs), backend="triton")
+        assert rel_rms(o.cpu(), naive_rwkv6(**inputs)[0]) < TRITON_TOLERANCE[torch.float32]
+    with pytest.raises(ValueError, match="chunk_size"):
+        rwkv6_scan(**inputs, backend="triton", mode="chunk", chunk_size=24)
 
 
 GPU_CASES = [
