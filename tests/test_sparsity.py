@@ -394,3 +394,18 @@ def test_cli_errors_name_the_problem(saved_model, tmp_path, capsys):
     for argv, message in cases:
         assert main(["sparsity", *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_cli_recipe_uses_the_held_out_text(saved_model, tmp_path, capsys):
+    pytest.importorskip("spikelm.recipe")
+    from spikelm.cli import main
+
+    model_dir, _ = saved_model
+    (tmp_path / "corpus.txt").write_text((TEXT + "\n\n") * 6)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: t\ndata:\n  source: {tmp_path / 'corpus.txt'}\n  sample_by: paragraph\n"
+                      "  heldout_docs: 2\n")
+    json_path = tmp_path / "s.json"
+    assert main(["sparsity", str(model_dir), "--recipe", str(recipe), "--tokens", "40", "--json", str(json_path)]) == 0
+    assert "total" in capsys.readouterr().out
+    assert json.loads(json_path.read_text())["tokens"] == 40
