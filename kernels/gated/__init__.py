@@ -1,5 +1,7 @@
-"""gated scan (placeholder until implemented)."""
+"""Gated scan: Ponghiran & Roy's gated neuron with a multi-bit, error-keeping accumulator."""
 
+from .naive import gated_scan_naive
+from .scan import gated_scan
+from .torch_scan import gated_scan_torch
 
-def gated_scan(*args, **kwargs):
-    raise NotImplementedError("gated_scan is being written")
+__all__ = ["gated_scan", "gated_scan_naive", "gated_scan_torch"]

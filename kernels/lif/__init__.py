@@ -1,5 +1,7 @@
-"""lif scan (placeholder until implemented)."""
+"""LIF scan: SpikeGPT's multi-step leaky integrate-and-fire neuron over the token axis."""
 
+from .naive import lif_scan_naive
+from .scan import lif_scan
+from .torch_scan import lif_scan_torch
 
-def lif_scan(*args, **kwargs):
-    raise NotImplementedError("lif_scan is being written")
+__all__ = ["lif_scan", "lif_scan_naive", "lif_scan_torch"]

@@ -1,5 +1,7 @@
-"""rwkv4 scan (placeholder until implemented)."""
+"""RWKV-4 / SpikeGPT vector WKV scan (numerically stable running-max form)."""
 
+from .chunked import rwkv4_scan_torch
+from .naive import rwkv4_scan_naive
+from .scan import rwkv4_scan
 
-def rwkv4_scan(*args, **kwargs):
-    raise NotImplementedError("rwkv4_scan is being written")
+__all__ = ["rwkv4_scan", "rwkv4_scan_naive", "rwkv4_scan_torch"]

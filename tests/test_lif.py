@@ -1,0 +1,129 @@
+"""lif_scan: torch path and Triton kernel against the float32 naive oracle, the oracle against hand-computed values."""
+
+import pytest
+import torch
+
+from spikelm.kernels import lif_scan
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def relative_rms(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    return ((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-6)).item()
+
+
+def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, tolerance: float) -> None:
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert not torch.isnan(got).any(), f"{name}: NaN in the result under test"
+    assert not torch.isnan(want).any(), f"{name}: NaN in the reference"
+    error = relative_rms(got, want)
+    assert error <= tolerance, f"{name}: relative RMS error {error:.3g} > {tolerance:.3g}"
+
+
+def make_inputs(batch, seq_len, channels, dtype, learned, seed=0, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    # Currents around the threshold so that a good share of tokens spike and the surrogate sees both sides.
+    x = (1.5 * torch.randn(batch, seq_len, channels, generator=generator) + 0.6).to(device, dtype)
+    v0 = (0.5 * torch.randn(batch, channels, generator=generator)).to(device)
+    if learned:
+        tau = (1.5 + 2 * torch.rand(channels, generator=generator)).to(device)
+        v_th = (0.5 + torch.rand(channels, generator=generator)).to(device)
+    else:
+        tau, v_th = 2.0, 1.0
+    return x, v0, tau, v_th
+
+
+def run(backend, x, v0, tau, v_th, reset, upstream_seed=1):
+    """Outputs and every gradient (x, v0, and tau / v_th when they are tensors) under random upstream gradients."""
+    leaves = [t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) else t for t in (x, v0, tau, v_th)]
+    spikes, v_final = lif_scan(*leaves, reset=reset, alpha=2.0, backend=backend)
+    generator = torch.Generator().manual_seed(upstream_seed)
+    grad_spikes = torch.randn(spikes.shape, generator=generator).to(spikes)
+    grad_v = torch.randn(v_final.shape, generator=generator).to(v_final)
+    loss = (spikes.float() * grad_spikes.float()).sum() + (v_final * grad_v).sum()
+    tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+    grads = torch.autograd.grad(loss, tensors)
+    return spikes, v_final, grads
+
+
+CASES = [
+    pytest.param(2, 16, 8, torch.float32, "hard", True, id="B2-T16-C8-fp32-hard-learned"),
+    pytest.param(2, 16, 8, torch.float32, "soft", True, id="B2-T16-C8-fp32-soft-learned"),
+    pytest.param(3, 63, 60, torch.float32, "hard", False, id="B3-T63-C60-fp32-hard-scalar"),
+    pytest.param(3, 63, 60, torch.float32, "soft", True, id="B3-T63-C60-fp32-soft-learned"),
+    pytest.param(2, 1, 60, torch.float32, "hard", True, id="B2-T1-C60-fp32-hard-learned"),
+    pytest.param(2, 63, 60, torch.bfloat16, "hard", True, id="B2-T63-C60-bf16-hard-learned"),
+    pytest.param(2, 63, 60, torch.bfloat16, "soft", False, id="B2-T63-C60-bf16-soft-scalar"),
+]
+
+
+def compare_to_naive(backend, batch, seq_len, channels, dtype, reset, learned, device="cpu"):
+    inputs = make_inputs(batch, seq_len, channels, dtype, learned, device=device)
+    spikes, v_final, grads = run(backend, *inputs, reset)
+    ref_inputs = [t.cpu() if isinstance(t, torch.Tensor) else t for t in inputs]
+    ref_spikes, ref_v, ref_grads = run("naive", *ref_inputs, reset)
+    assert spikes.dtype == dtype and v_final.dtype == torch.float32
+    assert 0.05 < ref_spikes.float().mean() < 0.95, "the case should spike on some tokens and not on others"
+    tolerance = TOLERANCE[dtype]
+    # Spikes are recomputed from the same fp32 expression in every path: they must agree exactly.
+    assert torch.equal(spikes.cpu(), ref_spikes), "spikes differ"
+    assert_close("v_final", v_final.cpu(), ref_v, tolerance)
+    names = ["grad x", "grad v0", "grad tau", "grad v_th"][: len(grads)]
+    for name, got, want in zip(names, grads, ref_grads, strict=True):
+        assert_close(name, got.cpu(), want, tolerance)
+
+
+@pytest.mark.parametrize(("batch", "seq_len", "channels", "dtype", "reset", "learned"), CASES)
+def test_torch_matches_naive(batch, seq_len, channels, dtype, reset, learned):
+    compare_to_naive("torch", batch, seq_len, channels, dtype, reset, learned)
+
+
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+def test_hand_computed_trajectory(backend):
+    # tau = 2 halves the gap to the input each token; v_th = 1.
+    x = torch.tensor([3.0, 0.0, 1.0, 4.0]).view(1, 4, 1)
+    spikes, v_final = lif_scan(x, tau=2.0, v_th=1.0, reset="hard", backend=backend)
+    # h: 1.5 (spike, v = 0), 0.0, 0.5, 0.25 + 1.75 = 2.25 (spike, v = 0)
+    assert spikes.flatten().tolist() == [1.0, 0.0, 0.0, 1.0] and v_final.item() == 0.0
+    spikes, v_final = lif_scan(x, tau=2.0, v_th=1.0, reset="soft", backend=backend)
+    # h: 1.5 (spike, v = 0.5), 0.25, 0.625, 2.3125 (spike, v = 1.3125)
+    assert spikes.flatten().tolist() == [1.0, 0.0, 0.0, 1.0] and v_final.item() == 1.3125
+
+
+def test_surrogate_gradient_value():
+    # One token, v0 = 0, tau = 1: h = x, so d spike / d x is the ATan surrogate at x - v_th.
+    x = torch.tensor([[[0.7]]], requires_grad=True)
+    spikes, _ = lif_scan(x, tau=1.0, v_th=1.0, alpha=2.0, backend="torch")
+    spikes.sum().backward()
+    expected = 2.0 / (2 * (1 + (torch.pi * 2.0 * (0.7 - 1.0) / 2) ** 2))
+    assert abs(x.grad.item() - expected) < 1e-6
+
+
+def test_chunked_calls_with_state_equal_one_call():
+    x, v0, tau, v_th = make_inputs(2, 20, 6, torch.float32, learned=True)
+    spikes, v_final = lif_scan(x, v0, tau, v_th, backend="torch")
+    first, v_mid = lif_scan(x[:, :7], v0, tau, v_th, backend="torch")
+    second, v_end = lif_scan(x[:, 7:], v_mid, tau, v_th, backend="torch")
+    assert torch.equal(torch.cat([first, second], 1), spikes) and torch.equal(v_end, v_final)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        pytest.param({"x": torch.zeros(2, 3)}, "shape \\[B, T, C\\]", id="x-2d"),
+        pytest.param({"x": torch.zeros(1, 3, 4, dtype=torch.int64)}, "float32, bfloat16", id="x-int"),
+        pytest.param({"x": torch.zeros(1, 0, 4)}, "T = 0", id="x-empty"),
+        pytest.param({"v0": torch.zeros(1, 5)}, "v0 must be", id="v0-shape"),
+        pytest.param({"tau": torch.ones(5)}, "tau must be", id="tau-shape"),
+        pytest.param({"tau": 0.0}, "tau=0.0 must be > 0", id="tau-zero"),
+        pytest.param({"v_th": "1"}, "v_th must be", id="v_th-type"),
+        pytest.param({"reset": "zero"}, "reset='zero'", id="reset"),
+        pytest.param({"alpha": -1.0}, "alpha=-1.0", id="alpha"),
+        pytest.param({"backend": "cuda"}, "backend='cuda'", id="backend"),
+    ],
+)
+def test_bad_input_raises(kwargs, message):
+    arguments = {"x": torch.zeros(1, 3, 4)} | kwargs
+    with pytest.raises(ValueError, match=message):
+        lif_scan(**arguments)
