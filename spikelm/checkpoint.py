@@ -1,0 +1,203 @@
+"""Atomic training checkpoints: ``RUN_DIR/checkpoints/step-XXXXXXXX/`` plus a ``latest`` pointer.
+
+A checkpoint is written into ``.tmp-step-XXXXXXXX/``, every file is fsynced, a ``COMPLETE`` marker is written last,
+then the folder is renamed into place and ``latest`` is replaced atomically. A crash at any moment therefore leaves
+either the previous checkpoint as ``latest`` or a ``.tmp-*`` folder that is never loaded. All ranks must share the
+run directory's filesystem (one node, or a shared filesystem across nodes).
+
+Contents: the DeepSpeed engine state (``engine/``: weights, optimizer, ZeRO partitions), ``trainer_state.pt`` (step,
+tokens seen, the recipe, the model config) and one ``rank<R>.pt`` per rank (RNG states, data loader position).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spikelm.errors import SpikeLMError
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+ENGINE_TAG = "engine"
+
+# Config fields that fix parameter shapes: a checkpoint cannot be loaded into a model that differs in any of them.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "head_size", "intermediate_size", "decay_lora_rank",
+                "time_mix", "neuron", "spike_lm_head", "tie_word_embeddings")
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new content, never a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states of Python, torch CPU and (if present) CUDA, for exact resume."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def save_checkpoint(engine: Any, run_dir: Path, step: int, trainer_state: dict[str, Any], rank_state: dict[str, Any],
+                    *, rank: int, keep_last: int) -> Path:
+    """Write the checkpoint of ``step`` atomically; every rank calls this (collective).
+
+    Args:
+        engine: the DeepSpeed engine (its ``save_checkpoint`` is collective under ZeRO).
+        run_dir: the run directory; checkpoints go to ``run_dir/checkpoints``.
+        trainer_state: rank 0's loop state (step, tokens, recipe, model config...).
+        rank_state: this rank's RNG state and data loader position.
+        keep_last: how many complete checkpoints to keep (older ones are deleted after the new one is in place).
+    Returns the final checkpoint folder.
+    """
+    root = run_dir / CHECKPOINTS
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
+    torch.save(rank_state, tmp / f"rank{rank}.pt")
+    if rank == 0:
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+    _barrier()
+    if rank == 0:
+        _fsync_tree(tmp)
+        marker = {"step": step, "world_size": trainer_state.get("world_size"), "time": time.time()}
+        atomic_write_text(tmp / COMPLETE, json.dumps(marker) + "\n")
+        if final.exists():  # the same step saved twice (e.g. a signal right after a periodic save)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        atomic_write_text(root / LATEST, final.name + "\n")
+        _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _complete_checkpoints(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / COMPLETE).is_file())
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    for old in _complete_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or ``None``. Incomplete (``.tmp-*``) folders are ignored."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / COMPLETE).is_file():
+            return candidate
+    complete = _complete_checkpoints(root)
+    return complete[-1] if complete else None
+
+
+def _load(path: Path) -> Any:
+    if not path.is_file():
+        raise SpikeLMError(f"checkpoint file {str(path)!r} is missing; the checkpoint is damaged, delete its folder "
+                           "to resume from an older one")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many types for a truncated/garbled pickle
+        raise SpikeLMError(f"checkpoint file {str(path)!r} is corrupt ({type(err).__name__}: {err}); delete "
+                           f"{str(path.parent)!r} to resume from an older checkpoint") from err
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """Rank 0's loop state of a checkpoint folder; raises ``SpikeLMError`` if it is incomplete or corrupt."""
+    if not (path / COMPLETE).is_file():
+        raise SpikeLMError(f"checkpoint {str(path)!r} has no {COMPLETE} marker: it was never finished and cannot be "
+                           "loaded")
+    return _load(path / "trainer_state.pt")
+
+
+def check_model_shape(saved_config: dict[str, Any], config: dict[str, Any], path: Path) -> None:
+    """Raise ``SpikeLMError`` if the recipe's model differs in shape from the checkpoint's."""
+    diffs = [f"{k}: checkpoint {saved_config.get(k)!r} vs recipe {config.get(k)!r}" for k in SHAPE_FIELDS
+             if saved_config.get(k) != config.get(k)]
+    if diffs:
+        raise SpikeLMError(f"checkpoint {str(path)!r} was written for a different model ({'; '.join(diffs)}); "
+                           "use the recipe it was trained with, or a new --out directory")
+
+
+def load_checkpoint(engine: Any, path: Path, *, rank: int, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load a checkpoint into ``engine`` (collective); returns ``(trainer_state, rank_state)``.
+
+    With a different world size than at save time, every rank takes rank 0's RNG and loader state (the loader
+    position is global) and DeepSpeed re-partitions the ZeRO state.
+    """
+    trainer_state = read_trainer_state(path)
+    saved_world = trainer_state.get("world_size", world_size)
+    rank_file = path / (f"rank{rank}.pt" if saved_world == world_size else "rank0.pt")
+    rank_state = _load(rank_file)
+    engine_dir = path / ENGINE_TAG
+    if not engine_dir.is_dir():
+        raise SpikeLMError(f"checkpoint {str(path)!r} has no engine state folder {ENGINE_TAG!r}; it is damaged")
+    try:
+        load_path, _ = engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+    except (RuntimeError, OSError, KeyError, ValueError) as err:
+        raise SpikeLMError(f"could not load the engine state of checkpoint {str(path)!r} ({type(err).__name__}: "
+                           f"{err}); it was written with world size {saved_world}, now {world_size}") from err
+    if load_path is None:
+        raise SpikeLMError(f"DeepSpeed found no engine state in {str(engine_dir)!r}; the checkpoint is damaged")
+    return trainer_state, rank_state
+
+
+__all__ = ["save_checkpoint", "load_checkpoint", "find_latest_checkpoint", "read_trainer_state", "check_model_shape",
+           "atomic_write_text", "rng_state", "set_rng_state", "SHAPE_FIELDS"]

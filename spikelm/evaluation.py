@@ -1,0 +1,177 @@
+"""Held-out loss, perplexity and bits per byte, and the ``spikelm eval`` subcommand.
+
+:func:`evaluate_lm` is the one evaluation used both by the training loop's periodic eval and by ``spikelm eval``.
+Bits per byte = total NLL in bits / total UTF-8 bytes of the decoded target tokens, so models with different
+tokenizers can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from spikelm.errors import SpikeLMError
+
+
+@dataclass
+class EvalResult:
+    """Summary of one evaluation over ``tokens`` predicted tokens."""
+
+    loss: float
+    """Mean next-token cross-entropy in nats."""
+    perplexity: float
+    """``exp(loss)``."""
+    bits_per_byte: float | None
+    """Total NLL in bits / UTF-8 bytes of the decoded targets (None without a tokenizer)."""
+    tokens: int
+    """Predicted tokens evaluated (over all ranks)."""
+    bytes: int
+    """UTF-8 bytes of the decoded targets (over all ranks; 0 without a tokenizer)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def heldout_batches(blocks: Any, micro_batch_size: int, max_batches: int, *, rank: int = 0,
+                    world_size: int = 1) -> list[torch.Tensor]:
+    """Deterministic evaluation batches ``[b, block_size + 1]`` of this rank, the first ``max_batches`` per rank.
+
+    Every rank gets the same number of batches (ZeRO-3 gathers parameters collectively inside forward, so ranks
+    must run the same number of forwards); together they cover distinct blocks when there are enough.
+    """
+    if len(blocks) == 0:
+        raise SpikeLMError("the held-out split is empty; give the data more documents or raise data.heldout_fraction")
+    per_batch = max(1, min(micro_batch_size, len(blocks) // world_size or len(blocks)))
+    available = len(blocks) // per_batch
+    batches = []
+    for i in range(max_batches):
+        index = (i * world_size + rank) % max(1, available)
+        start = index * per_batch
+        batches.append(torch.stack([blocks[j] for j in range(start, start + per_batch)]))
+    return batches
+
+
+@torch.no_grad()
+def evaluate_lm(model: Callable[..., Any], batches: Iterable[torch.Tensor], tokenizer: Any | None = None,
+                *, device: torch.device | str | None = None) -> EvalResult:
+    """Evaluate a causal LM on token batches and reduce over ranks when ``torch.distributed`` is initialised.
+
+    Args:
+        model: a ``SpikeLMForCausalLM``, any HF causal LM, or a DeepSpeed engine wrapping one; called as
+            ``model(input_ids=...)`` and must return ``.logits`` ``[B, T, V]``.
+        batches: token blocks ``[B, T + 1]`` (inputs are ``[:, :-1]``, targets ``[:, 1:]``).
+        tokenizer: decodes the targets for bits per byte; ``None`` skips it.
+        device: where the batches go (default: the model's first parameter's device).
+    """
+    if device is None:
+        first = next(iter(getattr(model, "parameters", lambda: iter([]))()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # tokens, bytes
+    for batch in batches:
+        if batch.dim() != 2 or batch.size(1) < 2:
+            raise ValueError(f"evaluate_lm: batches must be [B, T + 1] with T >= 1, got {tuple(batch.shape)}")
+        batch = batch.to(device)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = model(input_ids=inputs).logits  # [B, T, V]
+        nll += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+        counts[0] += targets.numel()
+        if tokenizer is not None:
+            # Decode each row on its own: bytes of the text those targets stand for (special tokens dropped).
+            counts[1] += sum(len(tokenizer.decode(row, skip_special_tokens=True).encode("utf-8"))
+                             for row in targets.tolist())
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(nll)
+        torch.distributed.all_reduce(counts)
+    tokens, n_bytes = int(counts[0].item()), int(counts[1].item())
+    if tokens == 0:
+        raise ValueError("evaluate_lm: no tokens to evaluate")
+    loss = nll.item() / tokens
+    bpb = nll.item() / math.log(2) / n_bytes if tokenizer is not None and n_bytes > 0 else None
+    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), bits_per_byte=bpb, tokens=tokens,
+                      bytes=n_bytes)
+
+
+def blocks_from_text(text: str, tokenizer: Any, block_size: int, max_tokens: int | None = None) -> list[torch.Tensor]:
+    """Tokenise ``text`` and cut it into consecutive blocks ``[block_size + 1]`` (the last block may be shorter)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[: max_tokens + 1]
+    if len(ids) < 2:
+        raise SpikeLMError("the evaluation text is empty (fewer than 2 tokens); pass a longer --text file")
+    # Blocks overlap by one token so every token after the first is a target exactly once.
+    return [torch.tensor(ids[i : i + block_size + 1]) for i in range(0, len(ids) - 1, block_size)]
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``spikelm eval``."""
+    parser.add_argument("model_dir", type=Path, help="a saved model directory (e.g. runs/<name>/export)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", type=Path, help="a UTF-8 text file to evaluate on")
+    source.add_argument("--recipe", type=Path, help="evaluate on this recipe's held-out split")
+    parser.add_argument("--tokens", type=int, default=16384, help="evaluate on at most this many tokens")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="tokens per evaluated block (default: the recipe's train.block_size, else 256)")
+    parser.add_argument("--batch-size", type=int, default=8, help="blocks per forward")
+    parser.add_argument("--json", type=Path, default=None, help="also write the result as JSON to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``spikelm eval MODEL_DIR (--text FILE | --recipe RECIPE)``: print loss, perplexity and bits per byte."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import spikelm  # noqa: F401  (registers the model with the Auto classes)
+
+    if not args.model_dir.is_dir():
+        raise SpikeLMError(f"model directory {str(args.model_dir)!r} does not exist; pass e.g. runs/<name>/export")
+    if args.tokens < 1 or args.batch_size < 1:
+        raise SpikeLMError("--tokens and --batch-size must be >= 1")
+    block_size = args.block_size
+    if args.recipe is not None:
+        from spikelm.data import heldout_text
+        from spikelm.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe)
+        block_size = block_size or recipe.train.block_size
+        # ~4 characters per token is generous for BPE on English; --tokens cuts the exact amount afterwards.
+        text = heldout_text(recipe.data, max_chars=args.tokens * 8)
+    else:
+        if not args.text.is_file():
+            raise SpikeLMError(f"--text {str(args.text)!r} does not exist")
+        text = args.text.read_text(encoding="utf-8")
+    block_size = block_size or 256
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    except (OSError, ValueError) as err:
+        raise SpikeLMError(f"no tokenizer in {str(args.model_dir)!r}: {err}") from err
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir).eval()
+    if len(tokenizer) > model.config.vocab_size:
+        raise SpikeLMError(f"the tokenizer in {str(args.model_dir)!r} has {len(tokenizer)} tokens but the model's "
+                           f"vocab_size is {model.config.vocab_size}; they must come from the same run")
+    blocks = blocks_from_text(text, tokenizer, block_size, args.tokens)
+    # Full blocks go in batches of --batch-size; a shorter last block goes alone.
+    full = [b for b in blocks if b.numel() == block_size + 1]
+    batches = [torch.stack(full[i : i + args.batch_size]) for i in range(0, len(full), args.batch_size)]
+    if blocks[-1].numel() != block_size + 1 and blocks[-1].numel() >= 2:
+        batches.append(blocks[-1][None])
+    result = evaluate_lm(model, batches, tokenizer)
+    bpb = f"{result.bits_per_byte:.4f}" if result.bits_per_byte is not None else "n/a"
+    print(f"tokens {result.tokens}  loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  bits/byte {bpb}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
+__all__ = ["EvalResult", "evaluate_lm", "heldout_batches", "blocks_from_text", "add_arguments", "run"]
