@@ -127,3 +127,17 @@ def test_bad_input_raises(kwargs, message):
     arguments = {"x": torch.zeros(1, 3, 4)} | kwargs
     with pytest.raises(ValueError, match=message):
         lif_scan(**arguments)
+
+
+TRITON_CASES = [
+    pytest.param(2, 11, 8, torch.float32, "hard", True, id="B2-T11-C8-fp32-hard-learned"),
+    pytest.param(1, 9, 5, torch.float32, "soft", True, id="B1-T9-C5-fp32-soft-learned"),
+    pytest.param(2, 1, 6, torch.float32, "hard", False, id="B2-T1-C6-fp32-hard-scalar"),
+    pytest.param(1, 10, 6, torch.bfloat16, "soft", True, id="B1-T10-C6-bf16-soft-learned"),
+]
+
+
+@pytest.mark.parametrize(("batch", "seq_len", "channels", "dtype", "reset", "learned"), TRITON_CASES)
+def test_triton_matches_naive(batch, seq_len, channels, dtype, reset, learned):
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU runs the Triton interpreter (conftest)
+    compare_to_naive("triton", batch, seq_len, channels, dtype, reset, learned, device=device)
