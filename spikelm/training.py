@@ -253,6 +253,24 @@ def _sparsity_monitor(model: torch.nn.Module) -> Any:
         return None
 
 
+def _sparsity_summary(monitor: Any) -> dict[str, Any]:
+    """Whole-model and per-layer zero fraction of the spike counts seen by ``monitor`` (empty if unavailable)."""
+    try:
+        report = monitor.report().to_dict()
+        total = report["total"]["zero_fraction"]
+        layers = {layer["name"]: layer["zero_fraction"] for layer in report.get("layers", [])}
+    except Exception as err:  # the monitor is optional; never let it stop training
+        print(f"spikelm train: no sparsity report ({type(err).__name__}: {err})", file=sys.stderr)
+        return {}
+    return {"zero_fraction": float(total), "layer_zero_fraction": layers}
+
+
+def _grad_norm(model: torch.nn.Module) -> float | None:
+    """Norm of the full gradients held in ``.grad`` (ZeRO 0, where DeepSpeed does not record the norm)."""
+    grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else None
+
+
 def _sample(model: Any, tokenizer: Any, prompt: str, new_tokens: int, seed: int, device: torch.device) -> str:
     """A short sampled continuation; uses a forked RNG so sampling never changes the training RNG stream."""
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
@@ -371,11 +389,7 @@ def train(recipe: Recipe, run_dir: Path, *, resume: Path | None = None, no_resum
             result = evaluate_lm(engine, eval_batches, tokenizer, device=device)
         row: dict[str, Any] = {"kind": "eval", "step": at_step, **result.to_dict()}
         if monitor is not None:
-            with contextlib.suppress(Exception):
-                report = monitor.report().to_dict()
-                row["sparsity"] = report
-                if isinstance(report.get("zero_fraction"), float):
-                    row["zero_fraction"] = report["zero_fraction"]
+            row.update(_sparsity_summary(monitor))
         if recipe.eval.sample_prompt and recipe.eval.sample_tokens:
             # Every rank generates (ZeRO-3 gathers parameters collectively); rank 0 prints.
             row["sample"] = _sample(engine.module, tokenizer, recipe.eval.sample_prompt, recipe.eval.sample_tokens,
@@ -400,7 +414,8 @@ def train(recipe: Recipe, run_dir: Path, *, resume: Path | None = None, no_resum
                            total_steps=total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                step_loss = 0.0
+                step_loss, grad_norm = 0.0, None
+                log_now = (step + 1) % recipe.logging.every_steps == 0 or step + 1 == total_steps
                 for _ in range(recipe.train.grad_accum):
                     batch = next(loader).to(device)  # [micro, block_size + 1]
                     inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -412,17 +427,20 @@ def train(recipe: Recipe, run_dir: Path, *, resume: Path | None = None, no_resum
                             "the weights. The last good checkpoint is kept; lower optim.lr or raise "
                             "optim.warmup_steps and resume")
                     engine.backward(loss)
+                    if log_now and engine.is_gradient_accumulation_boundary() and recipe.deepspeed.zero_stage == 0:
+                        # Gradients are all-reduced by the boundary backward and cleared by the step.
+                        grad_norm = _grad_norm(engine.module)
                     engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
                     step_loss += micro_loss / recipe.train.grad_accum
                 step += 1
                 tokens_seen += tokens_per_step
                 bar.update(1)
-                if step % recipe.logging.every_steps == 0 or step == total_steps:
+                if log_now:
+                    if grad_norm is None and engine.get_global_grad_norm() is not None:
+                        grad_norm = float(engine.get_global_grad_norm())  # ZeRO >= 1 records it in step()
                     now = time.perf_counter()
                     tokens_per_s = (tokens_seen - last_tokens) / max(now - last_time, 1e-9)
                     last_time, last_tokens = now, tokens_seen
-                    grad_norm = engine.get_global_grad_norm()
-                    grad_norm = float(grad_norm) if grad_norm is not None else None
                     metrics.write({"kind": "train", "step": step, "loss": step_loss, "lr": lr, "tokens": tokens_seen,
                                    "tokens_per_s": tokens_per_s, "grad_norm": grad_norm, "time": time.time()})
                     bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
