@@ -1,0 +1,225 @@
+"""The spiking RWKV model: parallel == recurrent == chunked, padding invariance, loss, checkpointing, bad input."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spikelm.cache import SpikeLMCache
+from spikelm.config import SpikeLMConfig
+from spikelm.modeling import SpikeLMForCausalLM, spike_sites
+from spikelm.neurons import SpikingNeuron
+
+COMBOS = list(itertools.product(["rwkv6", "rwkv4"], ["adaptive", "lif", "gated", "none"]))
+IDS = [f"{t}-{n}" for t, n in COMBOS]
+VOCAB = 97
+
+
+def tiny_model(time_mix="rwkv6", neuron="adaptive", seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = SpikeLMConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, head_size=16, decay_lora_rank=8,
+                           intermediate_size=96, time_mix=time_mix, neuron=neuron, **overrides)
+    return SpikeLMForCausalLM(config).eval()
+
+
+class CountRecorder:
+    """Collects every site's spike counts, call after call."""
+
+    def __init__(self, model):
+        self.counts: dict[str, list[torch.Tensor]] = {}
+        for module in model.modules():
+            if isinstance(module, SpikingNeuron):
+                module.observers.append(self)
+
+    def __call__(self, neuron, counts, mask):
+        self.counts.setdefault(neuron.site, []).append(counts.detach().clone())
+
+    def joined(self):
+        return {site: torch.cat(chunks, dim=1) for site, chunks in self.counts.items()}
+
+
+def run_in_chunks(model, ids, sizes):
+    cache, logits = None, []
+    for chunk in torch.split(ids, sizes, dim=1):
+        out = model(chunk, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1), cache
+
+
+@pytest.mark.parametrize(("time_mix", "neuron"), COMBOS, ids=IDS)
+def test_parallel_equals_recurrent_and_chunked(time_mix, neuron):
+    model = tiny_model(time_mix, neuron, spike_lm_head=True)
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full_rec = CountRecorder(model)
+        full = model(ids).logits
+        full_counts = full_rec.joined()
+        for module in model.modules():
+            if isinstance(module, SpikingNeuron):
+                module.observers.clear()
+        results = []
+        for sizes in ([1] * 13, [5, 1, 4, 3]):
+            rec = CountRecorder(model)
+            logits, cache = run_in_chunks(model, ids, sizes)
+            results.append((logits, rec.joined(), cache))
+            for module in model.modules():
+                if isinstance(module, SpikingNeuron):
+                    module.observers.clear()
+    assert torch.isfinite(full).all()
+    for logits, counts, cache in results:
+        torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+        assert counts.keys() == full_counts.keys()
+        for site, site_counts in counts.items():
+            if neuron == "none":  # the dense twin's "counts" are its float inputs
+                torch.testing.assert_close(site_counts, full_counts[site], rtol=1e-5, atol=1e-5, msg=site)
+            else:
+                assert torch.equal(site_counts, full_counts[site]), site
+        assert cache.get_seq_length() == 13
+    if neuron != "none":
+        assert sum(c.abs().sum() for c in full_counts.values()) > 0  # the sites do fire
+
+
+@pytest.mark.parametrize(("time_mix", "neuron"), COMBOS, ids=IDS)
+def test_left_padded_batch_equals_each_prompt_alone(time_mix, neuron):
+    model = tiny_model(time_mix, neuron)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen) for n in (5, 9, 3)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)  # pad id 0
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = p
+        mask[row, width - len(p):] = 1
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask).logits
+        for row, p in enumerate(prompts):
+            alone = model(p[None]).logits[0]
+            torch.testing.assert_close(batch[row, width - len(p):], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("time_mix", "neuron"), [("rwkv6", "lif"), ("rwkv4", "gated"), ("rwkv6", "adaptive")])
+def test_left_padded_generation_equals_each_prompt_alone(time_mix, neuron):
+    model = tiny_model(time_mix, neuron)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen) for n in (6, 2)]
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, 6 - len(p):], mask[row, 6 - len(p):] = p, 1
+    kwargs = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    batch = model.generate(ids, attention_mask=mask, **kwargs)[:, 6:]
+    for row, p in enumerate(prompts):
+        alone = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), **kwargs)
+        assert torch.equal(batch[row], alone[0, len(p):])
+
+
+def test_cache_size_is_constant_in_the_context_length():
+    model = tiny_model("rwkv6", "lif")
+    ids = torch.randint(0, VOCAB, (1, 30))
+
+    def numel(cache: SpikeLMCache) -> int:
+        total = 0
+        cache.map_(lambda t: t)  # the mapping walks every tensor; count them on the way
+        for layer in cache.layers:
+            for part in layer.values():
+                for value in part.values():
+                    total += sum(v.numel() for v in value) if isinstance(value, tuple) else value.numel()
+        return total
+
+    with torch.no_grad():
+        _, short = run_in_chunks(model, ids[:, :2], [2])
+        _, long = run_in_chunks(model, ids, [30])
+    assert numel(short) == numel(long) > 0
+
+
+def test_labels_give_the_shifted_loss_with_ignored_positions():
+    model = tiny_model()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    labels = ids.clone()
+    labels[0, 3] = -100
+    out = model(ids, labels=labels)
+    expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+
+
+@pytest.mark.parametrize("neuron", ["adaptive", "gated"])
+def test_gradient_checkpointing_gives_the_same_gradients(neuron):
+    model = tiny_model("rwkv6", neuron).train()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    model(ids, labels=ids).loss.backward()
+    plain = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    out = model(ids, labels=ids, use_cache=True)
+    assert out.past_key_values is None  # checkpointed training does not build a cache
+    out.loss.backward()
+    assert plain.keys() == {name for name, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if name in plain:
+            torch.testing.assert_close(p.grad, plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_tiny_model_learns_quickly():
+    model = tiny_model("rwkv6", "adaptive").train()
+    torch.manual_seed(0)
+    pattern = torch.randint(3, VOCAB, (1, 8))
+    ids = pattern.repeat(2, 3)  # a sequence that repeats: easy to predict once learned
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_sites_are_named_and_sized():
+    model = tiny_model("rwkv6", "adaptive", spike_lm_head=True)
+    sites = spike_sites(model)
+    expected = {f"layers.{i}.time_mix.{n}" for i in range(2) for n in
+                ("receptance", "key", "value", "gate", "decay", "output")}
+    expected |= {f"layers.{i}.channel_mix.{n}" for i in range(2) for n in ("key", "receptance", "value")}
+    assert set(sites) == expected | {"lm_head"}
+    assert sites["layers.0.channel_mix.key"].fan_out == 96 and sites["layers.0.time_mix.decay"].fan_out == 8
+    assert sites["lm_head"].fan_out == VOCAB
+    rwkv4 = spike_sites(tiny_model("rwkv4", "lif"))
+    assert "layers.1.time_mix.output" in rwkv4 and "layers.1.time_mix.gate" not in rwkv4
+
+
+@pytest.mark.parametrize("time_mix", ["rwkv6", "rwkv4"])
+def test_bf16_forward_keeps_recurrence_math_finite(time_mix):
+    model = tiny_model(time_mix, "adaptive").to(torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (1, 6))
+    with torch.no_grad():
+        logits16 = model(ids).logits
+    assert logits16.dtype == torch.bfloat16 and torch.isfinite(logits16.float()).all()
+
+
+def test_bad_input_raises_clear_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="empty"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token id 97 .* 97 tokens"):
+        model(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="exactly one"):
+        model()
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 2))
+    with pytest.raises(ValueError, match="SpikeLMCache"):
+        model(torch.tensor([[1]]), past_key_values=object(), use_cache=True)
+
+
+@pytest.mark.parametrize(("field", "overrides"), [
+    ("neuron", {"neuron": "izhikevich"}),
+    ("time_mix", {"time_mix": "mamba"}),
+    ("head_size", {"hidden_size": 64, "head_size": 24}),
+])
+def test_bad_config_raises_clear_errors(field, overrides):
+    with pytest.raises(ValueError, match=field):
+        SpikeLMConfig(vocab_size=VOCAB, **overrides)

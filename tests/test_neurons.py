@@ -1,0 +1,177 @@
+"""Spiking neurons: the spike rules of DESIGN.md, their gradients, state carry-over, padding and event expansion."""
+
+import math
+
+import pytest
+import torch
+
+from spikelm.config import SpikeLMConfig
+from spikelm.neurons import (
+    AdaptiveNeuron,
+    GatedNeuron,
+    IdentityNeuron,
+    LIFNeuron,
+    SpikingNeuron,
+    build_neuron,
+    expand_counts,
+)
+
+
+def reference_lif(x, tau, v_th, reset):
+    """float32 loop of SpikeGPT's LIF: v += (x - v) / tau; spike when v >= v_th; hard or soft reset."""
+    v = torch.zeros(x.shape[0], x.shape[2])
+    spikes = []
+    for t in range(x.shape[1]):
+        v = v + (x[:, t] - v) / tau
+        s = (v >= v_th).float()
+        v = v * (1 - s) if reset == "hard" else v - s * v_th
+        spikes.append(s)
+    return torch.stack(spikes, 1), v
+
+
+def reference_gated(x, forget, threshold, levels):
+    """float32 loop of the gated neuron: I = f I + (1 - f) x; acc += I; emit Q(acc); acc -= theta * count."""
+    current = torch.zeros(x.shape[0], x.shape[2])
+    acc = torch.zeros_like(current)
+    counts = []
+    for t in range(x.shape[1]):
+        current = forget * current + (1 - forget) * x[:, t]
+        acc = acc + current
+        c = torch.sign(acc) * torch.clamp(torch.floor(acc.abs() / threshold), max=levels)
+        acc = acc - threshold * c
+        counts.append(c)
+    return torch.stack(counts, 1)
+
+
+@pytest.mark.parametrize("encoding", ["binary", "ternary", "bitwise"])
+@pytest.mark.parametrize("max_count", [1, 3, 8, 15])
+def test_expand_counts_reconstructs_counts_exactly(encoding, max_count):
+    counts = torch.randint(-max_count, max_count + 1, (3, 5, 7)).float()
+    events = expand_counts(counts, encoding, max_count)
+    if encoding == "bitwise":
+        assert events.shape == (math.ceil(math.log2(max_count + 1)), *counts.shape)
+        assert set(events.unique().tolist()) <= {0.0, 1.0}
+        weights = (2.0 ** torch.arange(events.shape[0])).view(-1, 1, 1, 1)
+        rebuilt = torch.sign(counts) * (weights * events).sum(0)
+    elif encoding == "binary":
+        assert events.shape == (max_count, *counts.shape)
+        assert set(events.unique().tolist()) <= {0.0, 1.0}
+        rebuilt = torch.sign(counts) * events.sum(0)
+    else:
+        assert events.shape == (max_count, *counts.shape)
+        assert set(events.unique().tolist()) <= {-1.0, 0.0, 1.0}
+        rebuilt = events.sum(0)
+    assert torch.equal(rebuilt, counts)
+    # Events fill the earliest virtual steps: a count of c fires on steps 0..|c|-1 (binary/ternary).
+    if encoding != "bitwise":
+        assert torch.equal(events.abs().sum(0), counts.abs())
+
+
+def test_expand_counts_rejects_bad_input():
+    with pytest.raises(ValueError, match="encoding"):
+        expand_counts(torch.zeros(3), "unary", 4)
+    with pytest.raises(ValueError, match="max_count"):
+        expand_counts(torch.zeros(3), "binary", 0)
+    with pytest.raises(ValueError, match="integers"):
+        expand_counts(torch.tensor([5.0]), "binary", 4)
+    with pytest.raises(ValueError, match="integers"):
+        expand_counts(torch.tensor([0.5]), "ternary", 4)
+
+
+def test_adaptive_neuron_rule_gradient_and_fp32_threshold():
+    torch.manual_seed(0)
+    neuron = AdaptiveNeuron(fan_out=5, k=3.0, max_spikes=4)
+    x = (torch.randn(2, 6, 16) * torch.tensor([0.1, 1.0, 10.0]).repeat_interleave(2).view(1, 6, 1)).requires_grad_()
+    seen = []
+    neuron.observers.append(lambda n, counts, mask: seen.append(counts))
+    y, state = neuron(x)
+    assert state is None and not neuron.stateful
+    threshold = x.detach().abs().mean(-1, keepdim=True) / 3.0
+    counts = torch.clamp(torch.round(x.detach() / threshold), -4, 4)
+    assert torch.equal(seen[0], counts)
+    torch.testing.assert_close(y, threshold * counts)
+    assert seen[0].abs().max() == 4  # some channels saturate at max_spikes
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    assert torch.equal(x.grad, grad)  # straight-through, clamp included
+    # bf16 input: the threshold math runs in fp32 and the output comes back in bf16.
+    y16, _ = neuron(x.detach().bfloat16())
+    assert y16.dtype == torch.bfloat16
+    xb = x.detach().bfloat16().float()
+    tb = xb.abs().mean(-1, keepdim=True) / 3.0
+    torch.testing.assert_close(y16.float(), (tb * torch.clamp(torch.round(xb / tb), -4, 4)).bfloat16().float())
+
+
+def test_adaptive_neuron_all_zero_token_and_pads_do_not_fire():
+    neuron = AdaptiveNeuron(fan_out=3)
+    x = torch.randn(2, 4, 8)
+    x[0, 1] = 0.0
+    mask = torch.tensor([[True, True, True, True], [False, False, True, True]])
+    seen = []
+    neuron.observers.append(lambda n, counts, m: seen.append((counts, m)))
+    y, _ = neuron(x, mask=mask)
+    assert torch.isfinite(y).all()
+    counts, observed_mask = seen[0]
+    assert observed_mask is mask
+    assert counts[0, 1].abs().sum() == 0 and counts[1, :2].abs().sum() == 0 and y[1, :2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("reset", ["hard", "soft"])
+def test_lif_neuron_matches_reference_and_carries_its_membrane(reset):
+    torch.manual_seed(1)
+    neuron = LIFNeuron(fan_out=4, tau=2.0, threshold=0.5, reset=reset)
+    x = torch.randn(2, 9, 6)
+    spikes, membrane = neuron(x)
+    ref_spikes, ref_membrane = reference_lif(x, 2.0, 0.5, reset)
+    assert torch.equal(spikes, ref_spikes) and spikes.sum() > 0
+    torch.testing.assert_close(membrane, ref_membrane)
+    first, state = neuron(x[:, :4])
+    second, state = neuron(x[:, 4:], state)
+    assert torch.equal(torch.cat([first, second], 1), spikes)
+    torch.testing.assert_close(state, membrane)
+    # The ATan surrogate lets a gradient through although the spikes are binary.
+    xg = x.clone().requires_grad_()
+    neuron(xg)[0].sum().backward()
+    assert xg.grad.abs().sum() > 0
+
+
+def test_gated_neuron_matches_reference_state_and_gradients():
+    torch.manual_seed(2)
+    neuron = GatedNeuron(channels=6, fan_out=4, bits=2, threshold=0.25, forget_init=0.3)
+    torch.testing.assert_close(torch.sigmoid(neuron.forget_logit), torch.full((6,), 0.3))
+    assert neuron.forget_logit.dtype == torch.float32 and neuron.max_count == 3
+    x = torch.randn(2, 9, 6)
+    seen = []
+    neuron.observers.append(lambda n, counts, mask: seen.append(counts))
+    y, (current, acc) = neuron(x)
+    counts = reference_gated(x, torch.full((6,), 0.3), 0.25, 3)
+    assert torch.equal(seen[0], counts) and counts.abs().max() <= 3
+    torch.testing.assert_close(y, 0.25 * counts)
+    first, state = neuron(x[:, :5])
+    second, state = neuron(x[:, 5:], state)
+    assert torch.equal(torch.cat([first, second], 1), y)
+    torch.testing.assert_close(state[1], acc)
+    xg = x.clone().requires_grad_()
+    neuron(xg)[0].sum().backward()
+    assert xg.grad.abs().sum() > 0 and neuron.forget_logit.grad.abs().sum() > 0
+
+
+def test_identity_neuron_observers_see_the_dense_input():
+    neuron = IdentityNeuron(fan_out=2)
+    x = torch.randn(1, 3, 4)
+    seen = []
+    neuron.observers.append(lambda n, counts, mask: seen.append(counts))
+    y, state = neuron(x)
+    assert torch.equal(y, x) and torch.equal(seen[0], x) and state is None and neuron.max_count is None
+
+
+@pytest.mark.parametrize(("kind", "cls", "max_count", "stateful"), [
+    ("adaptive", AdaptiveNeuron, 8, False), ("lif", LIFNeuron, 1, True),
+    ("gated", GatedNeuron, 3, True), ("none", IdentityNeuron, None, False),
+])
+def test_build_neuron_kinds(kind, cls, max_count, stateful):
+    config = SpikeLMConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, head_size=8, neuron=kind)
+    neuron = build_neuron(config, fan_out=12)
+    assert isinstance(neuron, cls) and isinstance(neuron, SpikingNeuron)
+    assert (neuron.kind, neuron.max_count, neuron.stateful, neuron.fan_out) == (kind, max_count, stateful, 12)
+    assert neuron.observers == []
