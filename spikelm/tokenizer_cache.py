@@ -63,7 +63,11 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of everything that decides a tokenizer's ids: the full serialised fast tokenizer, else its model file."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        payload = backend.to_str().encode("utf-8")
+        serialised = json.loads(backend.to_str())
+        # Truncation / padding are call-time state that transformers leaves set after a call; they do not change ids.
+        serialised.pop("truncation", None)
+        serialised.pop("padding", None)
+        payload = json.dumps(serialised, sort_keys=True).encode("utf-8")
     else:
         vocab_file = getattr(tokenizer, "vocab_file", None)
         if vocab_file and os.path.isfile(vocab_file):

