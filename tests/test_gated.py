@@ -21,9 +21,9 @@ def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, tolerance: fl
     assert error <= tolerance, f"{name}: relative RMS error {error:.3g} > {tolerance:.3g}"
 
 
-def make_inputs(batch, seq_len, channels, dtype, learned_threshold, seed=0, device="cpu"):
+def make_inputs(batch, seq_len, channels, dtype, learned_threshold, scale=1.0, seed=0, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, seq_len, channels, generator=generator).to(device, dtype)
+    x = (scale * torch.randn(batch, seq_len, channels, generator=generator)).to(device, dtype)
     forget = torch.sigmoid(torch.randn(channels, generator=generator)).to(device)
     i0 = (0.5 * torch.randn(batch, channels, generator=generator)).to(device)
     acc0 = (0.1 * torch.randn(batch, channels, generator=generator)).to(device)
@@ -55,7 +55,8 @@ CASES = [
 
 
 def compare_to_naive(backend, batch, seq_len, channels, dtype, bits, learned_threshold, device="cpu"):
-    inputs = make_inputs(batch, seq_len, channels, dtype, learned_threshold, device=device)
+    # Inputs scaled with the number of levels so that every case both clips at +-L and hits the dead zone.
+    inputs = make_inputs(batch, seq_len, channels, dtype, learned_threshold, scale=2.0 ** (bits - 1), device=device)
     counts, i_final, acc_final, grads = run(backend, *inputs, bits)
     ref_inputs = [t.cpu() if isinstance(t, torch.Tensor) else t for t in inputs]
     ref_counts, ref_i, ref_acc, ref_grads = run("naive", *ref_inputs, bits)
@@ -124,3 +125,17 @@ def test_bad_input_raises(kwargs, message):
     arguments = {"x": torch.zeros(1, 3, 4), "f": torch.full((4,), 0.5)} | kwargs
     with pytest.raises(ValueError, match=message):
         gated_scan(**arguments)
+
+
+TRITON_CASES = [
+    pytest.param(2, 11, 8, torch.float32, 2, True, id="B2-T11-C8-fp32-bits2-learned"),
+    pytest.param(1, 9, 5, torch.float32, 1, False, id="B1-T9-C5-fp32-bits1-scalar"),
+    pytest.param(2, 1, 6, torch.float32, 3, True, id="B2-T1-C6-fp32-bits3-learned"),
+    pytest.param(1, 10, 6, torch.bfloat16, 3, True, id="B1-T10-C6-bf16-bits3-learned"),
+]
+
+
+@pytest.mark.parametrize(("batch", "seq_len", "channels", "dtype", "bits", "learned_threshold"), TRITON_CASES)
+def test_triton_matches_naive(batch, seq_len, channels, dtype, bits, learned_threshold):
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU runs the Triton interpreter (conftest)
+    compare_to_naive("triton", batch, seq_len, channels, dtype, bits, learned_threshold, device=device)
