@@ -10,6 +10,8 @@ Implementations, all with the same signature and return ``(o, final_state)``:
 - ``torch``: chunked parallel form (``chunk_torch.py``), the CPU default; autograd gives the backward.
 - ``triton``: fused-recurrent kernel (``fused_recurrent.py``, one pass over T with the state on chip; best for short
   T / decoding) or chunked kernel (``chunk.py``, ``tl.dot`` inside chunks; best for training and prefill).
+
+``rwkv6_scan_spiking`` (``spiking.py``) fuses the adaptive spiking neuron into the scan's output (inference only).
 """
 
 from __future__ import annotations
@@ -133,4 +135,14 @@ def rwkv6_scan(
     return chunk_rwkv6(r, k, v, w, u, initial_state, output_final_state, chunk_size=C)
 
 
-__all__ = ["rwkv6_scan", "naive_rwkv6", "chunk_rwkv6_torch", "MODES", "FUSED_RECURRENT_MAX_T"]
+from .spiking import adaptive_spike_counts, rwkv6_scan_spiking  # noqa: E402  (spiking uses the helpers above)
+
+__all__ = [
+    "rwkv6_scan",
+    "rwkv6_scan_spiking",
+    "adaptive_spike_counts",
+    "naive_rwkv6",
+    "chunk_rwkv6_torch",
+    "MODES",
+    "FUSED_RECURRENT_MAX_T",
+]

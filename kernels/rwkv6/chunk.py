@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .fused_recurrent import combine_state_grads
+from .spike_epilogue import OUTPUT_ABS_SUM, OUTPUT_DENSE, OUTPUT_SPIKES, spike_counts
 
 
 @triton.jit
@@ -87,9 +88,12 @@ def _chunk_fwd_o_kernel(
     w,  # [B, T, H, K] log-decay
     u,  # [H, K] bonus
     h,  # [B, H, NT, K, V] float32 state entering each chunk
-    o,  # [B, T, H, V] out, v's dtype
+    o,  # [B, T, H, V] out, v's dtype: o itself (OUTPUT_DENSE) or spike counts (OUTPUT_SPIKES)
+    abs_sum,  # [NV, B, T, H] float32 out for OUTPUT_ABS_SUM: sum |o| over this value block
+    threshold,  # [B, T] float32 per-token V_th, read for OUTPUT_SPIKES
     T,
     NT,
+    B,
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
@@ -97,6 +101,9 @@ def _chunk_fwd_o_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    STORE_ABS_SUM: tl.constexpr,  # pass 1 of the fused neuron: write sum |o| instead of o
+    STORE_SPIKES: tl.constexpr,  # pass 2: write spike counts instead of o
+    MAX_SPIKES: tl.constexpr,
 ):
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -135,7 +142,14 @@ def _chunk_fwd_o_kernel(
         b_att += tl.where(o_t[None, :] == s, b_col[:, None], 0.0)
     b_o += tl.dot(b_att, b_v, input_precision=DOT_PRECISION)
     b_o += tl.sum(b_r * b_u[None, :] * b_k, 1)[:, None] * b_v  # current token: bonus u instead of a decay
-    tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_tv)
+    if STORE_ABS_SUM:
+        p_abs = ((i_v * B + i_b).to(tl.int64) * T + t) * H + i_h
+        tl.store(abs_sum + p_abs, tl.sum(tl.abs(b_o), 1), mask=m_t)  # masked lanes hold exact zeros
+    elif STORE_SPIKES:
+        b_threshold = tl.load(threshold + i_b.to(tl.int64) * T + t, mask=m_t, other=1.0)
+        tl.store(o + p_v, spike_counts(b_o, b_threshold[:, None], MAX_SPIKES).to(o.dtype.element_ty), mask=m_tv)
+    else:
+        tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
 @triton.jit
@@ -288,22 +302,45 @@ def chunk_rwkv6_fwd_h(
     return h, ht
 
 
+def chunk_rwkv6_fwd_o(
+    r: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    u: torch.Tensor,
+    h: torch.Tensor,
+    chunk_size: int,
+    output: int = OUTPUT_DENSE,
+    threshold: torch.Tensor | None = None,
+    max_spikes: int = 0,
+) -> torch.Tensor:
+    """Outputs of every chunk given the chunk states ``h [B, H, NT, K, V]`` (from ``chunk_rwkv6_fwd_h``).
+
+    Returns ``o [B, T, H, V]`` in v's dtype (``OUTPUT_DENSE``), spike counts ``[B, T, H, V]`` (``OUTPUT_SPIKES``,
+    with ``threshold [B, T]`` fp32) or per-value-block ``sum |o|`` ``[NV, B, T, H]`` fp32 (``OUTPUT_ABS_SUM``).
+    """
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    BT, BK, BV_full = _blocks(K, V, chunk_size)
+    BV = min(BV_full, 64)
+    NT, NV = triton.cdiv(T, BT), triton.cdiv(V, BV)
+    o = torch.empty_like(v) if output != OUTPUT_ABS_SUM else h
+    abs_sum = r.new_empty(NV, B, T, H, dtype=torch.float32) if output == OUTPUT_ABS_SUM else h
+    _chunk_fwd_o_kernel[(NV, NT, B * H)](
+        r, k, v, w, u, h, o, abs_sum, threshold if threshold is not None else h, T, NT, B,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, DOT_PRECISION=_precision(r), 
+        STORE_ABS_SUM=output == OUTPUT_ABS_SUM, STORE_SPIKES=output == OUTPUT_SPIKES, MAX_SPIKES=max_spikes,
+    )
+    return abs_sum if output == OUTPUT_ABS_SUM else o
+
+
 def chunk_rwkv6_fwd(
     r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, h0: torch.Tensor | None,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on contiguous inputs: ``o [B, T, H, V]`` in v's dtype and the final state, float32."""
-    B, T, H, K = r.shape
-    V = v.shape[-1]
-    BT, BK, BV_full = _blocks(K, V, chunk_size)
-    BV = min(BV_full, 64)
-    NT = triton.cdiv(T, BT)
     h, ht = chunk_rwkv6_fwd_h(k, v, w, h0, chunk_size)
-    o = torch.empty_like(v)
-    _chunk_fwd_o_kernel[(triton.cdiv(V, BV), NT, B * H)](
-        r, k, v, w, u, h, o, T, NT, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, DOT_PRECISION=_precision(r),
-    )
-    return o, ht
+    return chunk_rwkv6_fwd_o(r, k, v, w, u, h, chunk_size), ht
 
 
 def chunk_rwkv6_bwd(

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .spike_epilogue import OUTPUT_ABS_SUM, OUTPUT_DENSE, OUTPUT_SPIKES, spike_counts
+
 
 @triton.jit
 def _fused_recurrent_fwd_kernel(
@@ -30,15 +32,21 @@ def _fused_recurrent_fwd_kernel(
     w,  # [B, T, H, K] log-decay (<= 0)
     u,  # [H, K] bonus
     h0,  # [B, H, K, V] float32 initial state (read only if USE_INITIAL_STATE)
-    o,  # [B, T, H, V] output, v's dtype
+    o,  # [B, T, H, V] output, v's dtype: o itself (OUTPUT_DENSE) or spike counts (OUTPUT_SPIKES)
     ht,  # [B, H, K, V] float32 final state
+    abs_sum,  # [NV, B, T, H] float32 out for OUTPUT_ABS_SUM: sum |o| over this value block
+    threshold,  # [B, T] float32 per-token V_th, read for OUTPUT_SPIKES
     T,  # tokens
+    B,  # batch
     H: tl.constexpr,  # heads
     K: tl.constexpr,  # key size
     V: tl.constexpr,  # value size
     BK: tl.constexpr,  # K padded to a power of two: the whole key axis lives in one program
     BV: tl.constexpr,  # value block per program
     USE_INITIAL_STATE: tl.constexpr,
+    STORE_ABS_SUM: tl.constexpr,  # pass 1 of the fused neuron: write sum |o| instead of o
+    STORE_SPIKES: tl.constexpr,  # pass 2: write spike counts instead of o
+    MAX_SPIKES: tl.constexpr,  # largest spike count (OUTPUT_SPIKES)
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -48,6 +56,8 @@ def _fused_recurrent_fwd_kernel(
     m_v = o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     p_state = i_bh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    p_abs = (i_v * B + i_b).to(tl.int64) * T * H + i_h  # token 0 of this (value block, batch, head)
+    p_th = i_b.to(tl.int64) * T
 
     b_u = tl.load(u + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
@@ -66,9 +76,17 @@ def _fused_recurrent_fwd_kernel(
         b_kv = b_k[:, None] * b_v[None, :]  # (BK, BV) k_t^T v_t
         b_o = tl.sum((b_h + b_u[:, None] * b_kv) * b_r[:, None], axis=0)  # (BV,)
         b_h = b_h * tl.exp(b_w)[:, None] + b_kv
-        tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_v)
+        if STORE_ABS_SUM:
+            tl.store(abs_sum + p_abs, tl.sum(tl.abs(b_o), 0))  # masked lanes hold exact zeros
+        elif STORE_SPIKES:
+            b_counts = spike_counts(b_o, tl.load(threshold + p_th), MAX_SPIKES)
+            tl.store(o + p_v, b_counts.to(o.dtype.element_ty), mask=m_v)
+        else:
+            tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_v)
         p_k += H * K
         p_v += H * V
+        p_abs += H
+        p_th += 1
     tl.store(ht + p_state, b_h, mask=m_kv)
 
 
@@ -181,19 +199,34 @@ def _blocks(K: int, V: int) -> tuple[int, int, int]:
 
 
 def fused_recurrent_rwkv6_fwd(
-    r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, h0: torch.Tensor | None
+    r: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    u: torch.Tensor,
+    h0: torch.Tensor | None,
+    output: int = OUTPUT_DENSE,
+    threshold: torch.Tensor | None = None,
+    max_spikes: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel on contiguous inputs; returns ``o [B, T, H, V]`` and ``ht [B, H, K, V]`` fp32."""
+    """Launch the forward kernel on contiguous inputs; returns ``(out, ht [B, H, K, V] fp32)``.
+
+    ``out`` is ``o [B, T, H, V]`` in v's dtype for ``OUTPUT_DENSE``, spike counts ``[B, T, H, V]`` for
+    ``OUTPUT_SPIKES`` (with ``threshold [B, T]`` fp32) and per-value-block ``sum |o|`` ``[NV, B, T, H]`` fp32 for
+    ``OUTPUT_ABS_SUM``.
+    """
     B, T, H, K = r.shape
     V = v.shape[-1]
     BK, BV, NV = _blocks(K, V)
-    o = torch.empty_like(v)
     ht = r.new_empty(B, H, K, V, dtype=torch.float32)
+    o = torch.empty_like(v) if output != OUTPUT_ABS_SUM else ht
+    abs_sum = r.new_empty(NV, B, T, H, dtype=torch.float32) if output == OUTPUT_ABS_SUM else ht
     _fused_recurrent_fwd_kernel[(NV, B * H)](
-        r, k, v, w, u, h0 if h0 is not None else ht, o, ht, T,
-        H=H, K=K, V=V, BK=BK, BV=BV, USE_INITIAL_STATE=h0 is not None,
+        r, k, v, w, u, h0 if h0 is not None else ht, o, ht, abs_sum, threshold if threshold is not None else ht, T, B,
+        H=H, K=K, V=V, BK=BK, BV=BV, USE_INITIAL_STATE=h0 is not None, 
+        STORE_ABS_SUM=output == OUTPUT_ABS_SUM, STORE_SPIKES=output == OUTPUT_SPIKES, MAX_SPIKES=max_spikes,
     )
-    return o, ht
+    return (abs_sum if output == OUTPUT_ABS_SUM else o), ht
 
 
 def fused_recurrent_rwkv6_bwd(
