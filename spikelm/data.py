@@ -247,16 +247,20 @@ def _too_small(split: str, tokens: int, block_size: int, data_cfg: DataConfig) -
 def _build_map_style(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, block_size: int,
                      cache_dir: Path) -> tuple[TokenBlocks, TokenBlocks]:
     resolved = resolve_source(data_cfg)
-    ds = load_documents(data_cfg, streaming=False, cache_dir=cache_dir / "hf_datasets")
     source = source_fingerprint(data_cfg, resolved)
+    ds = None
     if resolved.builder == "hub":
+        ds = load_documents(data_cfg, streaming=False)
         source["dataset_fingerprint"] = ds._fingerprint  # changes when the cached hub copy changes
+    # Local files are identified by their stat alone, so a cache hit never reads the corpus.
     fingerprint, key = _fingerprint(data_cfg, tokenizer, block_size, source)
     root = cache_dir / "data"
     directory = root / key
     with file_lock(root / f"{key}.lock"):
         index = _read_index(directory, key)
         if index is None:
+            if ds is None:
+                ds = load_documents(data_cfg, streaming=False, cache_dir=cache_dir / "hf_datasets")
             _pack_map_style(ds, data_cfg, tokenizer, block_size, root, key, fingerprint)
             index = _read_index(directory, key)
     assert index is not None
