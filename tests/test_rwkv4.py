@@ -175,3 +175,32 @@ def test_bad_input_raises(kwargs, message):
     arguments = {"w": -torch.ones(4), "u": torch.zeros(4), "k": torch.zeros(1, 3, 4), "v": torch.zeros(1, 3, 4)}
     with pytest.raises(ValueError, match=message):
         rwkv4_scan(**(arguments | kwargs))
+
+
+TRITON_CASES = [
+    pytest.param(2, 11, 8, torch.float32, 0.0, True, id="B2-T11-C8-fp32-state"),
+    pytest.param(1, 9, 5, torch.float32, 0.0, False, id="B1-T9-C5-fp32-nostate"),
+    pytest.param(2, 1, 6, torch.float32, 0.0, True, id="B2-T1-C6-fp32-state"),
+    pytest.param(1, 12, 6, torch.float32, 5.0, True, id="B1-T12-C6-fp32-strong-decay"),
+    pytest.param(1, 10, 6, torch.bfloat16, 0.0, True, id="B1-T10-C6-bf16-state"),
+]
+
+
+@pytest.mark.parametrize(("batch", "seq_len", "channels", "dtype", "log_decay_mean", "with_state"), TRITON_CASES)
+def test_triton_matches_naive(batch, seq_len, channels, dtype, log_decay_mean, with_state):
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU runs the Triton interpreter (conftest)
+    compare_to_naive("triton", batch, seq_len, channels, dtype, log_decay_mean, with_state, device=device)
+
+
+@pytest.mark.parametrize("mask_value", [-1e30, -math.inf], ids=["k=-1e30", "k=-inf"])
+def test_triton_masked_prefix(mask_value):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    w, u, k, v, _ = make_inputs(1, 10, 4, torch.float32, with_state=False, device=device)
+    k[:, :4] = mask_value
+    wkv, final, grads = run("triton", w, u, k, v, None)
+    ref_wkv, ref_final, ref_grads = run("naive", w.cpu(), u.cpu(), k.cpu(), v.cpu(), None)
+    assert_close("wkv", wkv.cpu(), ref_wkv, 1e-5)
+    for name, got, want in zip(["num", "den", "max_state"], final, ref_final, strict=True):
+        assert_close(name, got.cpu(), want, 1e-5)
+    for name, got, want in zip(GRAD_NAMES, grads, ref_grads, strict=False):
+        assert_close(name, got.cpu(), want, 1e-5)
