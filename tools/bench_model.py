@@ -1,0 +1,140 @@
+"""Benchmark a ``tiny`` SpikeLM against transformers' ``RwkvForCausalLM`` on this CPU, in one run.
+
+Prints training tokens/s (forward + backward), generation tokens/s (one token at a time with the recurrent state,
+after a prefill) for both models with the same width, depth, FFN width and vocabulary, their ratios, and SpikeLM's
+per-token generation time at several context lengths (it should stay flat: the state has a fixed size).
+
+    python tools/bench_model.py                      # defaults: 2 threads, batch 4 x 256 tokens
+    python tools/bench_model.py --threads 1 --contexts 100,500,1000,2000
+
+Not a test: timings depend on the machine and its load. Both models run under the same ``torch.set_num_threads``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import RwkvConfig, RwkvForCausalLM
+
+from spikelm import SpikeLMConfig, SpikeLMForCausalLM
+
+
+def median_seconds(fn: Callable[[], None], repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def train_step(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+    return step
+
+
+def spikelm_decoder(model: SpikeLMForCausalLM, prompt: torch.Tensor, steps: int) -> Callable[[], None]:
+    """Prefill ``prompt`` once, then each call decodes ``steps`` greedy tokens from a copy of that state."""
+    with torch.inference_mode():
+        prefill = model(prompt, use_cache=True, logits_to_keep=1)
+
+    def decode() -> None:
+        with torch.inference_mode():
+            cache = prefill.past_key_values
+            saved = cache.layers, cache.seen_tokens
+            token = prefill.logits[:, -1:].argmax(-1)
+            for _ in range(steps):
+                out = model(token, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+            cache.layers, cache.seen_tokens = saved  # the model replaces per-layer states, so this restores them
+
+    return decode
+
+
+def rwkv_decoder(model: RwkvForCausalLM, prompt: torch.Tensor, steps: int) -> Callable[[], None]:
+    with torch.inference_mode():
+        prefill = model(prompt, use_cache=True)
+
+    def decode() -> None:
+        with torch.inference_mode():
+            state = [s.clone() for s in prefill.state]  # RwkvModel writes its state in place
+            token = prefill.logits[:, -1:].argmax(-1)
+            for _ in range(steps):
+                out = model(token, state=state, use_cache=True)
+                state = out.state
+                token = out.logits[:, -1:].argmax(-1)
+
+    return decode
+
+
+def build_models(args: argparse.Namespace) -> tuple[SpikeLMForCausalLM, SpikeLMForCausalLM, RwkvForCausalLM]:
+    torch.manual_seed(0)
+    spikelm6 = SpikeLMForCausalLM(SpikeLMConfig.from_preset("tiny", vocab_size=args.vocab, time_mix="rwkv6"))
+    spikelm4 = SpikeLMForCausalLM(SpikeLMConfig.from_preset("tiny", vocab_size=args.vocab, time_mix="rwkv4"))
+    c = spikelm6.config
+    rwkv = RwkvForCausalLM(RwkvConfig(vocab_size=args.vocab, hidden_size=c.hidden_size,
+                                      num_hidden_layers=c.num_hidden_layers, attention_hidden_size=c.hidden_size,
+                                      intermediate_size=c.intermediate_size, context_length=4096,
+                                      tie_word_embeddings=True))
+    return spikelm6, spikelm4, rwkv
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for every model (default 2)")
+    parser.add_argument("--batch", type=int, default=4, help="training batch size")
+    parser.add_argument("--seq", type=int, default=256, help="training sequence length")
+    parser.add_argument("--vocab", type=int, default=512, help="vocabulary size of both models")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
+    parser.add_argument("--gen-steps", type=int, default=64, help="tokens decoded per generation timing")
+    parser.add_argument("--gen-prompt", type=int, default=16, help="prompt length before generation timing")
+    parser.add_argument("--contexts", default="100,500,1000,2000", help="context lengths for the flatness check")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    spikelm6, spikelm4, rwkv = build_models(args)
+    models = {"SpikeLM tiny rwkv6 (adaptive)": spikelm6, "SpikeLM tiny rwkv4 (adaptive)": spikelm4,
+              "RwkvForCausalLM (CPU path)": rwkv}
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    c = spikelm6.config
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; hidden {c.hidden_size}, layers "
+          f"{c.num_hidden_layers}, ffn {c.intermediate_size}, vocab {args.vocab}")
+
+    gen = torch.Generator().manual_seed(0)
+    train_ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)
+    prompt = torch.randint(0, args.vocab, (1, args.gen_prompt), generator=gen)
+    train_tps, gen_tps = {}, {}
+    for name, model in models.items():
+        model.train()
+        train_tps[name] = args.batch * args.seq / median_seconds(train_step(model, train_ids), args.repeats)
+        model.eval()
+        decoder = (rwkv_decoder if isinstance(model, RwkvForCausalLM) else spikelm_decoder)(model, prompt,
+                                                                                          args.gen_steps)
+        gen_tps[name] = args.gen_steps / median_seconds(decoder, args.repeats)
+
+    print(f"\n{'model':32s} {'params':>9s} {'train tok/s':>12s} {'gen tok/s':>10s}")
+    for name in models:
+        print(f"{name:32s} {params[name]:9d} {train_tps[name]:12.0f} {gen_tps[name]:10.1f}")
+    base = "RwkvForCausalLM (CPU path)"
+    for name in list(models)[:2]:
+        print(f"{name} / RwkvForCausalLM: training x{train_tps[name] / train_tps[base]:.2f}, "
+              f"generation x{gen_tps[name] / gen_tps[base]:.2f}")
+
+    print("\nSpikeLM tiny rwkv6: per-token generation time vs context length (prefill, then decode)")
+    steps = 32
+    for length in (int(n) for n in args.contexts.split(",")):
+        context = torch.randint(0, args.vocab, (1, length), generator=gen)
+        ms = 1000 * median_seconds(spikelm_decoder(spikelm6, context, steps), args.repeats) / steps
+        print(f"  context {length:5d}: {ms:6.2f} ms/token")
+
+
+if __name__ == "__main__":
+    main()
