@@ -1,0 +1,428 @@
+"""The sparsity/quality frontier: a recipe trained as its dense twin and with each spiking neuron, plus a sweep of
+the adaptive neuron's threshold divisor k, all with the same data, tokens, seed and schedule.
+
+Usage::
+
+    python tools/frontier.py [--recipe recipes/shakespeare-tiny.yaml] [--out runs/frontier]
+                             [--points none,adaptive-k3,lif] [--set train.max_steps=300 ...] [--tokens 16384]
+
+A *point* is a name: ``none`` (the dense twin), ``lif``, ``gated`` or ``adaptive-k<K>`` (e.g. ``adaptive-k0.5``).
+Each point is trained, evaluated and measured through the same code paths as ``spikelm train`` / ``spikelm eval``
+/ ``spikelm sparsity`` (their CLI entry points, in this process or with ``--isolate`` in a fresh process per step),
+in its own run directory ``<out>/<point>/``:
+
+- ``spikelm train RECIPE --set model.neuron=... [--set model.adaptive_k=K] [your --set ...] --out <out>/<point>``;
+  a half-finished run resumes from its latest checkpoint, because ``spikelm train`` does that in a run directory
+  that has checkpoints; ``train-done.json`` marks a finished training.
+- ``spikelm eval <point>/export --recipe <point>/recipe.yaml --tokens N --json <point>/eval.json``: held-out
+  loss, perplexity and bits per byte (the recipe written by the run, so every ``--set`` applies).
+- ``spikelm sparsity <point>/export --recipe <point>/recipe.yaml --tokens N --json <point>/sparsity.json``:
+  whole-model zero fraction of the spike counts, synaptic operations and the energy ratio against the dense twin.
+- ``point.json``: the point's figures, written last and atomically. A point that has it is finished and is never
+  run or written again; the table is rebuilt from every ``point.json`` under ``<out>``.
+
+Outputs under ``<out>``: ``frontier.csv``, ``frontier.json`` (settings, machine and rows) and ``frontier.png``
+(x = activation sparsity, y = held-out bits per byte relative to the dense twin). ``frontier-settings.json`` pins
+the recipe, overrides and token budget of the sweep: a later call with different ones is refused, so every row of
+one table is comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_RECIPE = REPO / "recipes" / "shakespeare-tiny.yaml"
+DENSE_POINT = "none"
+# Run order = priority: if a sweep is cut short, the dense twin and the default neuron are done first. The k values
+# bracket the 70% sparsity goal: a token's channel is zero when |x| < V_th / 2 = mean|x| / (2k), so for roughly
+# Gaussian inputs k = 3 (the default) leaves ~10% zeros at a site and k <= 0.5 is needed for >= 60%.
+DEFAULT_POINTS = ("none", "adaptive-k3", "adaptive-k0.5", "adaptive-k0.25", "lif", "gated", "adaptive-k1",
+                  "adaptive-k6")
+_ADAPTIVE = re.compile(r"^adaptive-k(\d+(?:\.\d+)?)$")
+CSV_COLUMNS = (
+    "point", "neuron", "adaptive_k", "bits_per_byte", "bpb_vs_dense", "loss", "perplexity", "eval_tokens",
+    "zero_fraction", "mean_abs_count", "firing_rate", "synops_per_token", "dense_macs_per_token", "energy_ratio",
+    "sparsity_tokens", "train_steps", "train_tokens", "final_train_loss", "train_seconds",
+)
+
+
+class FrontierError(Exception):
+    """A problem the user can fix (bad point name, settings that differ from the sweep's, a failed run)."""
+
+
+@dataclass(frozen=True)
+class Point:
+    """One training configuration of the sweep."""
+
+    name: str
+    """Directory name and table label, e.g. ``adaptive-k0.5``."""
+    neuron: str
+    """``none``, ``lif``, ``gated`` or ``adaptive``."""
+    adaptive_k: float | None = None
+    """Threshold divisor k of the adaptive neuron (``None`` for the other neurons)."""
+
+    @property
+    def overrides(self) -> list[str]:
+        """The ``--set`` overrides that select this point's neuron."""
+        sets = [f"model.neuron={self.neuron}"]
+        if self.adaptive_k is not None:
+            sets.append(f"model.adaptive_k={self.adaptive_k}")
+        return sets
+
+
+def parse_point(name: str) -> Point:
+    """``"none"`` / ``"lif"`` / ``"gated"`` / ``"adaptive-k<K>"`` -> :class:`Point`; anything else raises
+    ``FrontierError``."""
+    name = name.strip()
+    if name in ("none", "lif", "gated"):
+        return Point(name, name)
+    match = _ADAPTIVE.match(name)
+    if match:
+        k = float(match.group(1))
+        if k <= 0:
+            raise FrontierError(f"--points {name!r}: the adaptive neuron's k must be > 0, e.g. adaptive-k3")
+        return Point(name, "adaptive", k)
+    raise FrontierError(f"--points: unknown point {name!r}; use none, lif, gated or adaptive-k<K> (e.g. adaptive-k3)")
+
+
+def parse_points(text: str) -> list[Point]:
+    """A comma-separated list of point names, in run order, without duplicates."""
+    points = [parse_point(part) for part in text.split(",") if part.strip()]
+    if not points:
+        raise FrontierError("--points is empty; give e.g. --points none,adaptive-k3")
+    names = [p.name for p in points]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise FrontierError(f"--points names {', '.join(duplicates)} more than once")
+    return points
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    """Write JSON so that a reader (or a crash) never sees half a file."""
+    write_text_atomically(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the numbers were measured: cores, CPU model, GPU, torch version and the git commit."""
+    import torch
+
+    cpu_model = platform.processor() or "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", False
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git_commit": commit,
+        "git_dirty": dirty,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def _environment() -> None:
+    """What ``spikelm train`` needs on CPU, with the DeepSpeed op cache under the repo (as the Makefile does)."""
+    import torch
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def spikelm_command(argv: list[str], *, isolate: bool) -> int:
+    """Run ``spikelm <argv>``: in this process (fast: imports and the process group are reused) or, with
+    ``isolate``, in a fresh Python process (nothing leaks from one run into the next)."""
+    if isolate:
+        return subprocess.call([sys.executable, "-m", "spikelm.cli", *argv])
+    from spikelm.cli import main
+
+    return main(argv)
+
+
+def _settings(recipe: Path, overrides: list[str], tokens: int) -> dict[str, Any]:
+    return {
+        "recipe": str(recipe.resolve()),
+        "recipe_sha256": hashlib.sha256(recipe.read_bytes()).hexdigest(),
+        "set": list(overrides),
+        "tokens": tokens,
+    }
+
+
+def check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Pin the sweep's settings in ``<out>/frontier-settings.json`` on first use; refuse different ones later."""
+    path = out / "frontier-settings.json"
+    if not path.exists():
+        write_json_atomically(path, settings)
+        return
+    pinned = read_json(path)
+    differing = [key for key in settings if pinned.get(key) != settings[key]]
+    if differing:
+        details = "; ".join(f"{key}: sweep has {pinned.get(key)!r}, now {settings[key]!r}" for key in differing)
+        raise FrontierError(f"{out} holds a sweep with other settings ({details}). Its points would not be "
+                            "comparable with new ones: pass another --out, or the same settings to resume it")
+
+
+def run_point(point: Point, args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
+    """Train, evaluate and measure one point (each step skipped when its output exists); returns its figures."""
+    run_dir: Path = args.out / point.name
+    done = run_dir / "point.json"
+    if done.exists():
+        log(f"[frontier] {point.name}: finished earlier ({done}); kept as it is")
+        return read_json(done)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    export = run_dir / "export"
+
+    train_done = run_dir / "train-done.json"
+    if not train_done.exists():
+        sets = [*point.overrides, *args.overrides]
+        argv = ["train", str(args.recipe), "--out", str(run_dir)]
+        for text in sets:
+            argv += ["--set", text]
+        if args.cache_dir is not None:
+            argv += ["--cache-dir", str(args.cache_dir)]
+        if not sys.stdout.isatty():
+            argv.append("--no-progress")  # a bar redrawn 600 times makes an unreadable log file
+        log(f"[frontier] {point.name}: spikelm " + " ".join(argv))
+        start = time.perf_counter()
+        code = spikelm_command(argv, isolate=args.isolate)
+        seconds = time.perf_counter() - start
+        if code != 0 or not (export / "config.json").is_file():
+            raise FrontierError(f"training point {point.name} failed (spikelm train exit code {code}); see the "
+                                f"output above. Run the same command again to resume it from its last checkpoint")
+        # The last session's time; a run resumed across sessions reports only its final session.
+        write_json_atomically(train_done, {"seconds": seconds, "set": sets})
+
+    run_recipe = run_dir / "recipe.yaml"  # the recipe as trained, every --set applied
+    measured = {}
+    for command, name in (("eval", "eval.json"), ("sparsity", "sparsity.json")):
+        path = run_dir / name
+        if not path.exists():
+            tmp = run_dir / f".{name}.partial"
+            argv = [command, str(export), "--recipe", str(run_recipe), "--tokens", str(args.tokens), "--json",
+                    str(tmp)]
+            log(f"[frontier] {point.name}: spikelm " + " ".join(argv))
+            code = spikelm_command(argv, isolate=args.isolate)
+            if code != 0 or not tmp.is_file():
+                raise FrontierError(f"spikelm {command} failed for point {point.name} (exit code {code})")
+            os.replace(tmp, path)
+        measured[command] = read_json(path)
+
+    result = point_figures(point, run_dir, measured["eval"], measured["sparsity"], read_json(train_done))
+    write_json_atomically(done, result)
+    log(f"[frontier] {point.name}: bits/byte {result['bits_per_byte']:.4f}, zero fraction "
+        f"{result['zero_fraction']:.3f}, energy ratio {result['energy_ratio']:.3f}")
+    return result
+
+
+def point_figures(point: Point, run_dir: Path, evaluation: dict[str, Any], sparsity: dict[str, Any],
+                  train_done: dict[str, Any]) -> dict[str, Any]:
+    """One row of the table from the JSON files that ``spikelm eval`` / ``spikelm sparsity`` / training wrote."""
+    total, encoding = sparsity["total"], sparsity["encoding"]
+    tokens = sparsity["tokens"]
+    train_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train_rows = [row for row in train_rows if row.get("kind") == "train"]
+    last = train_rows[-1] if train_rows else {}
+    return {
+        "point": point.name,
+        "neuron": point.neuron,
+        "adaptive_k": point.adaptive_k,
+        "bits_per_byte": evaluation["bits_per_byte"],
+        "loss": evaluation["loss"],
+        "perplexity": evaluation["perplexity"],
+        "eval_tokens": evaluation["tokens"],
+        "zero_fraction": total["zero_fraction"],
+        "mean_abs_count": total["mean_abs_count"],
+        "firing_rate": total["firing_rate"].get(encoding),
+        "encoding": encoding,
+        "synops_per_token": total["synops"][encoding] / tokens if tokens else None,
+        "dense_macs_per_token": total["dense_macs"] / tokens if tokens else None,
+        "energy_ratio": sparsity["energy_ratio"],
+        "energy_table": sparsity["energy_table"]["name"],
+        "sparsity_tokens": tokens,
+        "train_steps": last.get("step"),
+        "train_tokens": last.get("tokens"),
+        "final_train_loss": last.get("loss"),
+        "train_seconds": train_done.get("seconds"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ table and plot
+
+
+def collect_rows(out: Path, order: list[str]) -> list[dict[str, Any]]:
+    """Every finished point under ``out`` (those named in ``order`` first, in that order), with ``bpb_vs_dense`` =
+    bits per byte / the dense twin's - 1 when the dense twin is finished."""
+    found = {path.parent.name: read_json(path) for path in sorted(out.glob("*/point.json"))}
+    names = [n for n in order if n in found] + sorted(n for n in found if n not in order)
+    rows = [found[name] for name in names]
+    dense = found.get(DENSE_POINT)
+    for row in rows:
+        row["bpb_vs_dense"] = row["bits_per_byte"] / dense["bits_per_byte"] - 1.0 if dense else None
+    return rows
+
+
+def write_table(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any], machine: dict[str, Any]) -> None:
+    """``frontier.csv`` (one row per point) and ``frontier.json`` (settings, machine, rows)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: ("" if row.get(key) is None else row.get(key)) for key in CSV_COLUMNS})
+    write_text_atomically(out / "frontier.csv", buffer.getvalue())
+    write_json_atomically(out / "frontier.json", {"settings": settings, "machine": machine, "points": rows})
+
+
+def plot_frontier(rows: list[dict[str, Any]], path: Path, *, goal_sparsity: float = 0.70,
+                  goal_bpb: float = 0.03) -> None:
+    """x = activation sparsity (whole-model zero fraction), y = bits per byte relative to the dense twin (absolute
+    bits per byte without a dense twin); the goal region is shaded. Right panel: energy ratio vs the same y."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    relative = all(row.get("bpb_vs_dense") is not None for row in rows)
+    ys = [100.0 * row["bpb_vs_dense"] if relative else row["bits_per_byte"] for row in rows]
+    ylabel = "held-out bits per byte vs dense twin (%)" if relative else "held-out bits per byte"
+    fig, (ax, ax_energy) = plt.subplots(1, 2, figsize=(11, 4.5))
+    colours = {"none": "black", "adaptive": "tab:blue", "lif": "tab:orange", "gated": "tab:green"}
+    for axis, xs, xlabel in ((ax, [100.0 * row["zero_fraction"] for row in rows], "activation sparsity (% zeros)"),
+                             (ax_energy, [row["energy_ratio"] for row in rows], "energy ratio vs dense twin")):
+        for row, x, y in zip(rows, xs, ys, strict=True):
+            axis.scatter([x], [y], color=colours.get(row["neuron"], "grey"), zorder=3)
+            axis.annotate(row["point"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        adaptive = sorted((x, y) for row, x, y in zip(rows, xs, ys, strict=True) if row["neuron"] == "adaptive")
+        if len(adaptive) > 1:
+            axis.plot(*zip(*adaptive, strict=True), color=colours["adaptive"], alpha=0.4, zorder=2)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+        if relative:
+            axis.axhline(0.0, color="black", lw=0.8)
+            axis.axhline(100.0 * goal_bpb, color="tab:red", lw=0.8, ls="--")
+    if relative:
+        ax.axvspan(100.0 * goal_sparsity, 100.0, ymin=0, ymax=1, color="tab:green", alpha=0.05)
+        ax.axvline(100.0 * goal_sparsity, color="tab:red", lw=0.8, ls="--")
+        ax.set_title(f"goal: sparsity >= {goal_sparsity:.0%}, bits/byte within {goal_bpb:.0%} of the dense twin",
+                     fontsize=9)
+    ax.set_xlim(left=min(-2.0, ax.get_xlim()[0]), right=100.0)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """A short aligned table for the terminal."""
+    def fmt(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = [f"{'point':<16} {'bits/byte':>9} {'vs dense':>9} {'zeros':>7} {'SynOps/tok':>11} {'energy':>7}"]
+    for row in rows:
+        rel = None if row["bpb_vs_dense"] is None else 100.0 * row["bpb_vs_dense"]
+        lines.append(f"{row['point']:<16} {fmt(row['bits_per_byte'], '.4f'):>9} {fmt(rel, '+.2f'):>8}% "
+                     f"{fmt(100.0 * row['zero_fraction'], '.1f'):>6}% {fmt(row['synops_per_token'], ',.0f'):>11} "
+                     f"{fmt(row['energy_ratio'], '.3f'):>7}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tools/frontier.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="the recipe every point trains")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "frontier", help="root of the point run dirs")
+    parser.add_argument("--points", default=",".join(DEFAULT_POINTS),
+                        help=f"comma-separated points in run order (default {','.join(DEFAULT_POINTS)})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="recipe override passed to every point's training (repeatable), e.g. train.max_steps=300")
+    parser.add_argument("--tokens", type=int, default=16384, help="held-out tokens for eval and sparsity")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="tokenizer/data cache of spikelm train")
+    parser.add_argument("--isolate", action="store_true", help="run each spikelm step in a fresh Python process")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        points = parse_points(args.points)
+        if args.tokens < 1:
+            raise FrontierError(f"--tokens {args.tokens}: must be a positive number of held-out tokens")
+        if not args.recipe.is_file():
+            raise FrontierError(f"--recipe {str(args.recipe)!r} does not exist; pass e.g. "
+                                "recipes/shakespeare-tiny.yaml")
+        for text in args.overrides:
+            if text.split("=", 1)[0].strip() in ("model.neuron", "model.adaptive_k"):
+                raise FrontierError(f"--set {text!r}: the points choose model.neuron and model.adaptive_k")
+        args.recipe = args.recipe.resolve()
+        args.out.mkdir(parents=True, exist_ok=True)
+        settings = _settings(args.recipe, args.overrides, args.tokens)
+        check_settings(args.out, settings)
+        _environment()
+        # Captured once, before training: other engineers may commit while a long sweep runs.
+        machine = machine_info()
+        for index, point in enumerate(points, 1):
+            print(f"[frontier] point {index}/{len(points)}: {point.name}", flush=True)
+            run_point(point, args, log=lambda message: print(message, flush=True))
+            # Rebuilt after every point so a cut-short sweep still leaves a table of what finished.
+            rows = collect_rows(args.out, [p.name for p in points])
+            write_table(args.out, rows, settings, machine)
+            plot_frontier(rows, args.out / "frontier.png")
+    except FrontierError as err:
+        print(f"tools/frontier.py: error: {err}", file=sys.stderr)
+        return 2
+    print(format_rows(rows))
+    print(f"wrote {args.out / 'frontier.csv'}, {args.out / 'frontier.json'} and {args.out / 'frontier.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
