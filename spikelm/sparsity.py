@@ -98,11 +98,26 @@ def find_spike_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if _is_spike_site(module)]
 
 
+def add_to_histogram(histogram: torch.Tensor, bins: torch.Tensor, scatter: bool) -> None:
+    """``histogram[k] += number of bins == k`` for ``bins`` (1-D ints in ``[0, len(histogram))``), in place.
+
+    ``scatter=True`` uses an atomic scatter (``index_add_``), which never syncs the host: use it on CUDA, where
+    ``bincount`` reads the maximum back to size its output. On CPU ``bincount`` is faster than the serial scatter.
+    """
+    if scatter:
+        ones = torch.ones((), dtype=histogram.dtype, device=bins.device).expand(bins.numel())
+        histogram.index_add_(0, bins, ones)
+    else:
+        histogram += torch.bincount(bins, minlength=histogram.numel())
+
+
 class _SiteRecorder:
     """Running totals of one spike site, kept on the device of its counts so that recording never syncs the host.
 
-    The histogram has ``max_count + 3`` bins: ``|c| = 0 .. max_count``, then an overflow bin (a neuron that broke its
-    ``max_count`` contract) and a bin that collects padded positions, which is never read.
+    Spiking sites keep only a histogram of ``|c|`` with ``max_count + 2`` bins: ``|c| = 0 .. max_count`` and an
+    overflow bin (a neuron that broke its ``max_count`` contract). Zeros, sums, events and the maximum all follow from
+    it. Padded positions are zeroed before binning and their zeros taken back out of bin 0 (``pad_elements``).
+    Dense sites (``neuron: none``) keep zeros, sum and maximum of ``|x|``.
     """
 
     def __init__(self, name: str, neuron: nn.Module, counts: torch.Tensor) -> None:
@@ -113,14 +128,14 @@ class _SiteRecorder:
         self.channels = counts.shape[-1]
         device = counts.device
         self.tokens = torch.zeros((), dtype=torch.int64, device=device)
+        self.pad_elements = torch.zeros((), dtype=torch.int64, device=device)
         self.zeros = torch.zeros((), dtype=torch.int64, device=device)
         self.sum_abs = torch.zeros((), dtype=torch.float64 if device.type != "mps" else torch.float32, device=device)
-        self.max_abs = torch.zeros((), dtype=self.sum_abs.dtype, device=device)
-        bins = 1 if self.max_count is None else self.max_count + 3
+        self.max_abs = torch.zeros((), dtype=torch.float32, device=device)
+        bins = 1 if self.max_count is None else self.max_count + 2
         self.histogram = torch.zeros(bins, dtype=torch.int64, device=device)
 
     def update(self, counts: torch.Tensor, mask: torch.Tensor | None) -> None:
-        counts = counts.detach()
         if counts.dim() != 3 or counts.shape[-1] != self.channels:
             raise ValueError(f"site {self.name}: counts must be [B, T, {self.channels}], got {tuple(counts.shape)}")
         batch, steps, _ = counts.shape
@@ -130,51 +145,56 @@ class _SiteRecorder:
             if mask.shape != (batch, steps):
                 raise ValueError(f"site {self.name}: mask must be [B, T] = [{batch}, {steps}], got {tuple(mask.shape)}")
             mask = mask.to(device=counts.device, dtype=torch.bool)[:, :, None]  # [B, T, 1]
-            self.tokens += mask.sum()
+            real_tokens = mask.sum()
+            self.tokens += real_tokens
+            pad_elements = (batch * steps - real_tokens) * self.channels
         else:
             self.tokens += batch * steps
-        magnitude = counts.abs()
-        if self.max_count is None:  # dense twin: the values themselves; only zeros, sum and max mean anything
-            real = magnitude if mask is None else magnitude * mask
-            self.zeros += (magnitude == 0).sum() if mask is None else ((magnitude == 0) & mask).sum()
-            self.sum_abs += real.sum(dtype=self.sum_abs.dtype)
-            self.max_abs = torch.maximum(self.max_abs, real.amax().to(self.max_abs.dtype))
+        # A fresh tensor, so the in-place steps below leave the model's counts alone. Each step is one cheap pass;
+        # this runs at every site of every forward, so no bool or int64 temporaries of the full size.
+        magnitude = counts.detach().abs()
+        if mask is not None:
+            magnitude.mul_(mask)  # pads -> 0: no sum, no maximum, and zeros that are taken back out below
+        if self.max_count is None:  # dense twin: the values themselves
+            elements = magnitude.numel()
+            self.zeros += elements - torch.count_nonzero(magnitude) - (0 if mask is None else pad_elements)
+            self.sum_abs += magnitude.sum(dtype=torch.float32).to(self.sum_abs.dtype)
+            self.max_abs = torch.maximum(self.max_abs, magnitude.amax().float())
             return
-        levels = magnitude.round().to(torch.int64)  # integer-valued by contract; round() absorbs float noise
         if mask is not None:
-            levels = levels * mask
-        self.sum_abs += levels.sum().to(self.sum_abs.dtype)
-        self.max_abs = torch.maximum(self.max_abs, levels.amax().to(self.max_abs.dtype))
-        bins = levels.clamp(max=self.max_count + 1)
-        if mask is not None:
-            bins = torch.where(mask, bins, self.max_count + 2)
-        bins = bins.flatten()
-        ones = torch.ones((), dtype=torch.int64, device=bins.device).expand(bins.numel())
-        self.histogram.index_add_(0, bins, ones)
+            self.pad_elements += pad_elements
+        if magnitude.is_floating_point():
+            magnitude.round_()  # integer-valued by contract; rounding absorbs float noise before the cast
+        bins = magnitude.clamp_(max=self.max_count + 1).to(torch.int32).flatten()  # beyond max_count: overflow bin
+        add_to_histogram(self.histogram, bins, scatter=bins.is_cuda)
 
     def raw(self) -> dict[str, object]:
         """The totals on the host (one sync per tensor; called by ``report``)."""
         tokens = int(self.tokens.item())
         if self.max_count is None:
-            zeros = int(self.zeros.item())
-            histogram: list[int] | None = None
-        else:
-            histogram = self.histogram[: self.max_count + 1].tolist()
-            zeros = histogram[0]
+            return {"tokens": tokens, "elements": tokens * self.channels, "zeros": int(self.zeros.item()),
+                    "sum_abs": float(self.sum_abs.item()), "max_abs": float(self.max_abs.item()), "overflow": 0,
+                    "histogram": None}
+        counts = self.histogram.tolist()
+        counts[0] -= int(self.pad_elements.item())
+        histogram, overflow = counts[:-1], counts[-1]
+        # overflowing elements enter sums as max_count + 1, so every figure of such a site is a lower bound
+        levels = range(self.max_count + 2)
+        seen = [level for level, n in zip(levels, counts, strict=True) if n]
         return {
             "tokens": tokens,
             "elements": tokens * self.channels,
-            "zeros": zeros,
-            "sum_abs": float(self.sum_abs.item()),
-            "max_abs": float(self.max_abs.item()),
-            "overflow": 0 if self.max_count is None else int(self.histogram[self.max_count + 1].item()),
+            "zeros": histogram[0],
+            "sum_abs": float(sum(level * n for level, n in zip(levels, counts, strict=True))),
+            "max_abs": float(max(seen, default=0)),
+            "overflow": overflow,
             "histogram": histogram,
         }
 
     def all_reduce(self) -> None:
         import torch.distributed as dist
 
-        for total in (self.tokens, self.zeros, self.sum_abs, self.histogram):
+        for total in (self.tokens, self.pad_elements, self.zeros, self.sum_abs, self.histogram):
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
         dist.all_reduce(self.max_abs, op=dist.ReduceOp.MAX)
 
@@ -263,7 +283,7 @@ def _site_totals(recorder: _SiteRecorder, raw: dict) -> _Totals:
         steps = time_steps(encoding, recorder.max_count)
         if encoding == "bitwise":
             events = sum(n * bin(level).count("1") for level, n in enumerate(histogram))
-        else:  # one event per unit of |c|; sum_abs is exact also for counts beyond max_count
+        else:  # one event per unit of |c|
             events = round(raw["sum_abs"])
         totals.events[encoding] = events
         totals.slots[encoding] = raw["elements"] * steps
@@ -451,8 +471,8 @@ class SparsityMonitor:
                 continue  # a site the forward pass did not reach (e.g. an unused branch)
             raw = recorder.raw()
             if raw["overflow"]:
-                problems.append(f"site {name}: {raw['overflow']} elements had |count| > "
-                                f"max_count={recorder.max_count}; the bitwise figures count them as max_count")
+                problems.append(f"site {name}: {raw['overflow']} elements had |count| > max_count="
+                                f"{recorder.max_count}, counted as max_count + 1: its figures are lower bounds")
             totals = _site_totals(recorder, raw)
             layer, site_type = split_site_name(name)
             sites.append(totals.stats(name, recorder.kind, table, fan_out=recorder.fan_out,
@@ -655,5 +675,5 @@ def _write_atomically(path: Path, text: str) -> None:
 
 __all__ = [
     "SparsityMonitor", "SparsityReport", "SpikeStats", "summarize_for_logging", "measure_text", "find_spike_sites",
-    "split_site_name", "time_steps", "ENCODINGS", "add_arguments", "run",
+    "split_site_name", "time_steps", "add_to_histogram", "ENCODINGS", "add_arguments", "run",
 ]

@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from spikelm.energy import ENERGY_TABLES, EnergyTable, get_energy_table
-from spikelm.sparsity import SparsityMonitor, split_site_name, summarize_for_logging, time_steps
+from spikelm.sparsity import (
+    SparsityMonitor,
+    add_to_histogram,
+    split_site_name,
+    summarize_for_logging,
+    time_steps,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Fake spike sites with counts chosen by the test
@@ -127,6 +133,14 @@ def test_hand_counted_figures_per_site_layer_and_total():
     int8 = monitor.report(energy="45nm-int8", encoding="bitwise")
     assert int8.total.energy_pj["bitwise"] == pytest.approx((a["synops_bitwise"] + b["synops_bitwise"]) * 0.03)
     assert int8.energy_ratio == pytest.approx(int8.total.energy_pj["bitwise"] / ((a["macs"] + b["macs"]) * 0.23))
+
+
+def test_histogram_scatter_path_equals_bincount_path():
+    bins = torch.tensor([0, 3, 3, 1, 0, 0, 4], dtype=torch.int32)
+    scattered, counted = torch.zeros(5, dtype=torch.int64), torch.zeros(5, dtype=torch.int64)
+    add_to_histogram(scattered, bins, scatter=True)  # the CUDA path, run here on CPU
+    add_to_histogram(counted, bins, scatter=False)
+    assert scattered.tolist() == counted.tolist() == [3, 1, 0, 2, 1]
 
 
 def test_analytic_event_counts_match_expand_counts():
