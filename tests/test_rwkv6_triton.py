@@ -68,6 +68,18 @@ def test_triton_without_initial_or_final_state(mode):
         assert rel_rms(g, g_ref) < TRITON_TOLERANCE[torch.float32], name
 
 
+@pytest.mark.parametrize("mode", TRITON_MODES)
+def test_triton_mixed_dtypes_and_strided_inputs(mode):
+    # The model's call: r, k, v in bf16, log-decay and bonus kept in fp32; r, k, v, w given as strided views.
+    inputs = make_inputs(1, 18, 2, 16, 16, torch.bfloat16)
+    inputs["w"], inputs["u"] = inputs["w"].float(), inputs["u"].float()
+    strided = {n: (x.transpose(1, 2).contiguous().transpose(1, 2) if n in "rkvw" else x) for n, x in inputs.items()}
+    assert not strided["r"].is_contiguous()
+    actual = to_cpu(run_with_grads(lambda **kw: rwkv6_scan(**kw, backend="triton", mode=mode), on_device(strided)))
+    assert actual["dw"].dtype == torch.float32 and actual["dr"].dtype == torch.bfloat16
+    assert_close(actual, oracle(inputs), TRITON_TOLERANCE[torch.bfloat16])
+
+
 CHUNK_CASES = [
     # B, T, H, K, V, dtype, decay, chunk_size: several chunks, a partial last one, each chunk size
     pytest.param(1, 40, 1, 16, 16, torch.float32, "strong", 16, id="T40-C16-3-chunks-strong-decay-fp32"),
