@@ -326,6 +326,39 @@ def test_model_padded_batch_counts_the_same_elements_as_each_prompt_alone():
     assert a.synops["binary"] == pytest.approx(b.synops["binary"], rel=0.005)
 
 
+def test_monitor_during_generation_counts_real_prompt_and_new_tokens():
+    model = tiny_model("adaptive")
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    ids[1, :2] = 0
+    with torch.no_grad(), SparsityMonitor(model) as monitor:
+        try:
+            model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                           eos_token_id=None)
+        except NotImplementedError as err:
+            pytest.skip(f"generation not available yet: {err}")
+    # prefill: 10 real prompt tokens; then 3 decoding steps of 2 tokens (the 4th new token is never fed back)
+    assert monitor.report().tokens == 10 + 3 * 2
+
+
+def test_all_reduce_over_a_one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    model = FakeModel("adaptive", (3, 1), (5, 7))
+    with SparsityMonitor(model) as monitor:
+        model(COUNTS0, COUNTS1, MASK)
+    before = monitor.report().to_dict()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        monitor.all_reduce()
+    finally:
+        dist.destroy_process_group()
+    assert monitor.report().to_dict() == before
+
+
 TEXT = (
     "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.\n"
     "Rough winds do shake the darling buds of May, and summer's lease hath all too short a date.\n"
