@@ -128,6 +128,7 @@ def test_bad_input_raises(kwargs, message):
 
 
 TRITON_CASES = [
+    pytest.param(1, 5, 40, torch.float32, 2, True, id="B1-T5-C40-fp32-bits2-two-channel-blocks"),
     pytest.param(2, 11, 8, torch.float32, 2, True, id="B2-T11-C8-fp32-bits2-learned"),
     pytest.param(1, 9, 5, torch.float32, 1, False, id="B1-T9-C5-fp32-bits1-scalar"),
     pytest.param(2, 1, 6, torch.float32, 3, True, id="B2-T1-C6-fp32-bits3-learned"),

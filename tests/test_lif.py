@@ -130,6 +130,7 @@ def test_bad_input_raises(kwargs, message):
 
 
 TRITON_CASES = [
+    pytest.param(1, 5, 40, torch.float32, "soft", True, id="B1-T5-C40-fp32-soft-two-channel-blocks"),
     pytest.param(2, 11, 8, torch.float32, "hard", True, id="B2-T11-C8-fp32-hard-learned"),
     pytest.param(1, 9, 5, torch.float32, "soft", True, id="B1-T9-C5-fp32-soft-learned"),
     pytest.param(2, 1, 6, torch.float32, "hard", False, id="B2-T1-C6-fp32-hard-scalar"),

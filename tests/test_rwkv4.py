@@ -178,6 +178,7 @@ def test_bad_input_raises(kwargs, message):
 
 
 TRITON_CASES = [
+    pytest.param(1, 5, 40, torch.float32, 0.0, True, id="B1-T5-C40-fp32-two-channel-blocks"),
     pytest.param(2, 11, 8, torch.float32, 0.0, True, id="B2-T11-C8-fp32-state"),
     pytest.param(1, 9, 5, torch.float32, 0.0, False, id="B1-T9-C5-fp32-nostate"),
     pytest.param(2, 1, 6, torch.float32, 0.0, True, id="B2-T1-C6-fp32-state"),

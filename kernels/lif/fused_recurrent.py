@@ -90,6 +90,7 @@ def _lif_bwd_kernel(
     T,  # tokens
     C,  # channels
     alpha,  # ATan surrogate width
+    slope,  # pi * alpha / 2, the surrogate's slope at the threshold
     HARD_RESET: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -121,7 +122,7 @@ def _lif_bwd_kernel(
         previous = tl.where(has_previous, _reset(charged_prev, spike_prev, threshold[None, :], HARD_RESET), v0[None, :])
         # Surrogate terms for all rows of the tile at once.
         spike = (charged >= threshold[None, :]).to(tl.float32)
-        scaled = 0.5 * 3.141592653589793 * alpha * (charged - threshold[None, :])
+        scaled = slope * (charged - threshold[None, :])
         surrogate = alpha / (2.0 * (1.0 + scaled * scaled))
         if HARD_RESET:  # v = h (1 - s(h)); the reset path is differentiated, not detached
             dv_dh = 1.0 - spike - charged * surrogate
@@ -151,9 +152,12 @@ def _lif_bwd_kernel(
     tl.store(grad_th_ptr + i_b * C + cols, grad_th, mask=col_mask)
 
 
-def _launch_config(channels: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_C, num_warps): small channel blocks give enough programs when only B*C runs in parallel."""
+def _launch_config(batch: int, channels: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_C, num_warps). Only B*C runs in parallel, so the channel block shrinks (down to one warp's
+    32 channels) until there are enough programs to fill a GPU (~4 per SM on a 132-SM H100)."""
     block_c = min(triton.next_power_of_2(channels), 128)
+    while block_c > 32 and batch * triton.cdiv(channels, block_c) < 512:
+        block_c //= 2
     return 8, block_c, max(1, block_c // 32)
 
 
@@ -165,7 +169,7 @@ def lif_fwd(
     spikes = torch.empty_like(x)
     v_final = torch.empty(batch, channels, dtype=torch.float32, device=x.device)
     charged = torch.empty(batch, seq_len, channels, dtype=torch.float32, device=x.device) if save_h else v_final
-    block_t, block_c, num_warps = _launch_config(channels)
+    block_t, block_c, num_warps = _launch_config(batch, channels)
     grid = (batch, triton.cdiv(channels, block_c))
     # enable_fp_fusion=False: no fused multiply-adds, so the fp32 arithmetic (and every spike) matches torch.
     _lif_fwd_kernel[grid](
@@ -191,11 +195,11 @@ def lif_bwd(
     batch, seq_len, channels = charged.shape
     grad_x = torch.empty(batch, seq_len, channels, dtype=x_dtype, device=charged.device)
     grad_v0, grad_tau, grad_th = (torch.empty_like(v0) for _ in range(3))
-    block_t, block_c, num_warps = _launch_config(channels)
+    block_t, block_c, num_warps = _launch_config(batch, channels)
     grid = (batch, triton.cdiv(channels, block_c))
     _lif_bwd_kernel[grid](
         charged, v0, tau, v_th, grad_spikes, grad_v_final, grad_x, grad_v0, grad_tau, grad_th,
-        seq_len, channels, alpha,
+        seq_len, channels, alpha, 0.5 * math.pi * alpha,
         HARD_RESET=hard_reset, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps, enable_fp_fusion=False,
     )  # fmt: skip
     return grad_x, grad_v0, grad_tau.sum(0), grad_th.sum(0)
@@ -228,6 +232,3 @@ def lif_scan_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton LIF scan; same arguments and returns as :func:`~.naive.lif_scan_naive`."""
     return LIFScanTriton.apply(x, v0, tau, v_th, hard_reset, alpha)
-
-
-assert math.isclose(3.141592653589793, math.pi)  # the literal in the backward kernel is pi
