@@ -21,6 +21,8 @@ What is counted (``SparsityReport.counted`` / ``not_counted`` repeat this with e
   whatever zeros its activations hold. A model with ``neuron: none`` is costed that way too, so its ratio is 1.
 - Firing rate of an encoding: events / (elements x S), S its virtual time steps (binary/ternary ``max_count``,
   bitwise ``ceil(log2(max_count + 1))``); events are counted from the histogram of ``|c|`` without expanding.
+  Binary and ternary trains carry the same ``|c|`` events over the same S (binary puts the sign on the synapse,
+  ternary on the event), so their rates and SynOps agree; they are both reported because hardware differs.
 
 The ``spikelm sparsity`` subcommand (``add_arguments`` / ``run``) runs held-out text through a saved model and prints
 the per-layer table, writes JSON and draws a PNG.
@@ -532,19 +534,21 @@ def summarize_for_logging(report: SparsityReport) -> dict[str, float]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", type=Path, help="a saved model directory (save_pretrained + tokenizer)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--text", type=Path, help="a UTF-8 text file to run through the model")
-    source.add_argument("--recipe", type=Path, help="a training recipe: use the held-out text of its data section")
-    parser.add_argument("--tokens", type=int, default=8192, help="tokens to measure (default 8192)")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
-    parser.add_argument("--block-size", type=int, default=None,
+    source.add_argument("--text", type=Path, metavar="FILE", help="a UTF-8 text file to run through the model")
+    source.add_argument("--recipe", type=Path, metavar="RECIPE",
+                        help="a training recipe: use the held-out text of its data section")
+    parser.add_argument("--tokens", type=int, default=8192, metavar="N", help="tokens to measure (default 8192)")
+    parser.add_argument("--batch-size", type=int, default=4, metavar="B", help="sequences per forward pass (default 4)")
+    parser.add_argument("--block-size", type=int, default=None, metavar="L",
                         help="tokens per sequence (default: the model's context_length, at most 512)")
-    parser.add_argument("--energy", default=DEFAULT_ENERGY_TABLE,
+    parser.add_argument("--energy", default=DEFAULT_ENERGY_TABLE, metavar="NAME",
                         help=f"energy table: {', '.join(ENERGY_TABLES)} or 'mac=<pJ>,ac=<pJ>' "
                         f"(default {DEFAULT_ENERGY_TABLE})")
     parser.add_argument("--encoding", choices=ENCODINGS, default="binary",
                         help="event train whose accumulates the headline energy counts (default binary)")
-    parser.add_argument("--json", type=Path, help="write the full report as JSON here")
-    parser.add_argument("--plot", type=Path, help="draw per-layer zero fraction and firing rate into this PNG")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the full report as JSON here")
+    parser.add_argument("--plot", type=Path, metavar="FILE",
+                        help="draw per-layer zero fraction and firing rate into this PNG")
     parser.add_argument("--per-site", action="store_true", help="also print one row per spike site")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
