@@ -74,6 +74,12 @@ class SpikingNeuron(nn.Module):
         return f"site={self.site!r}, fan_out={self.fan_out}, max_count={self.max_count}"
 
 
+def _adaptive_quantize(x: Tensor, threshold: Tensor, max_spikes: int) -> tuple[Tensor, Tensor]:
+    # In place after the division: two fewer [B, T, C] temporaries on the hot path.
+    counts = torch.div(x, threshold).round_().clamp_(-max_spikes, max_spikes)
+    return threshold * counts, counts
+
+
 class _AdaptiveQuantize(torch.autograd.Function):
     """``V_th * clamp(round(x / V_th), -m, m)`` with a straight-through gradient.
 
@@ -85,10 +91,9 @@ class _AdaptiveQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, threshold: Tensor, max_spikes: int) -> tuple[Tensor, Tensor]:
-        # In place after the division: two fewer [B, T, C] temporaries on the hot path.
-        counts = torch.div(x, threshold).round_().clamp_(-max_spikes, max_spikes)
+        y, counts = _adaptive_quantize(x, threshold, max_spikes)
         ctx.mark_non_differentiable(counts)
-        return threshold * counts, counts
+        return y, counts
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, grad_counts: Tensor) -> tuple[Tensor, None, None]:
@@ -114,7 +119,10 @@ class AdaptiveNeuron(SpikingNeuron):
     def forward(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> tuple[Tensor, None]:
         x32 = _masked(x.float(), mask)
         threshold = x32.abs().mean(dim=-1, keepdim=True).clamp(min=self.eps) / self.k  # [B, T, 1]
-        y, counts = _AdaptiveQuantize.apply(x32, threshold, self.max_spikes)
+        if torch.is_grad_enabled() and x32.requires_grad:
+            y, counts = _AdaptiveQuantize.apply(x32, threshold, self.max_spikes)
+        else:  # inference: skip the autograd.Function call (a measurable share of a decoding step)
+            y, counts = _adaptive_quantize(x32, threshold, self.max_spikes)
         if self.observers:
             self._notify(counts, mask)
         return y.to(x.dtype), None

@@ -46,6 +46,16 @@ def channel_ramp(channels: int, device: torch.device | None = None) -> Tensor:
 class _SpikingMix(nn.Module):
     """Shared plumbing: spike sites whose (possibly stateful) neurons keep their state under their own name."""
 
+    backend: str | None = None
+
+    def _scan_backend(self, x: Tensor) -> str | None:
+        # One token on CPU (a decoding step): the recurrent step is the whole computation, and the float32 loop is
+        # 3-6x faster than the chunked torch path, which pads the token to a full chunk. Otherwise let the kernel
+        # dispatcher choose (Triton on CUDA picks its own fused-recurrent kernel for short inputs).
+        if self.backend is None and x.shape[1] == 1 and not x.is_cuda:
+            return "naive"
+        return self.backend
+
     def _site(self, name: str, x: Tensor, state: State | None, new_state: State, mask: Tensor | None) -> Tensor:
         out, neuron_state = getattr(self, name)(x, None if state is None else state.get(name), mask)
         if neuron_state is not None:
@@ -128,7 +138,7 @@ class RWKV6TimeMix(_SpikingMix):
         wkv, wkv_state = rwkv6_scan(
             r.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, K), log_decay.view(B, T, H, K),
             self.bonus.float(), None if state is None else state.get("wkv"), output_final_state=use_cache,
-            backend=self.backend,
+            backend=self._scan_backend(x),
         )  # (B, T, H, K)
         out = self.group_norm(wkv.reshape(B * T, C).to(x.dtype)).view(B, T, C) * F.silu(g)
         out = self._site("output", out, state, new_state, mask)
@@ -193,7 +203,7 @@ class RWKV4TimeMix(_SpikingMix):
         if mask is not None:
             k = k.masked_fill(~mask.unsqueeze(-1), self.PAD_KEY)
         wkv, wkv_state = rwkv4_scan(-torch.exp(self.time_decay.float()), self.time_first.float(), k, v,
-                                    None if state is None else state.get("wkv"), backend=self.backend)
+                                    None if state is None else state.get("wkv"), backend=self._scan_backend(x))
         out = self._site("output", r * wkv.to(r.dtype), state, new_state, mask)
         if not use_cache:
             return out, None

@@ -23,15 +23,20 @@ from transformers import RwkvConfig, RwkvForCausalLM
 from spikelm import SpikeLMConfig, SpikeLMForCausalLM
 
 
-def median_seconds(fn: Callable[[], None], repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def median_seconds(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median wall time of each function over ``repeats`` runs, after one warm-up run each.
+
+    The functions take turns within each repetition, so a change in machine load hits all of them alike.
+    """
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def train_step(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
@@ -111,14 +116,16 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     train_ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)
     prompt = torch.randint(0, args.vocab, (1, args.gen_prompt), generator=gen)
-    train_tps, gen_tps = {}, {}
-    for name, model in models.items():
+    for model in models.values():
         model.train()
-        train_tps[name] = args.batch * args.seq / median_seconds(train_step(model, train_ids), args.repeats)
+    train_s = median_seconds({name: train_step(model, train_ids) for name, model in models.items()}, args.repeats)
+    train_tps = {name: args.batch * args.seq / s for name, s in train_s.items()}
+    for model in models.values():
         model.eval()
-        decoder = (rwkv_decoder if isinstance(model, RwkvForCausalLM) else spikelm_decoder)(model, prompt,
-                                                                                          args.gen_steps)
-        gen_tps[name] = args.gen_steps / median_seconds(decoder, args.repeats)
+    decoders = {name: (rwkv_decoder if isinstance(model, RwkvForCausalLM) else spikelm_decoder)(model, prompt,
+                                                                                              args.gen_steps)
+                for name, model in models.items()}
+    gen_tps = {name: args.gen_steps / s for name, s in median_seconds(decoders, args.repeats).items()}
 
     print(f"\n{'model':32s} {'params':>9s} {'train tok/s':>12s} {'gen tok/s':>10s}")
     for name in models:
@@ -130,10 +137,13 @@ def main() -> None:
 
     print("\nSpikeLM tiny rwkv6: per-token generation time vs context length (prefill, then decode)")
     steps = 32
-    for length in (int(n) for n in args.contexts.split(",")):
-        context = torch.randint(0, args.vocab, (1, length), generator=gen)
-        ms = 1000 * median_seconds(spikelm_decoder(spikelm6, context, steps), args.repeats) / steps
-        print(f"  context {length:5d}: {ms:6.2f} ms/token")
+    lengths = [int(n) for n in args.contexts.split(",")]
+    by_length = {
+        str(length): spikelm_decoder(spikelm6, torch.randint(0, args.vocab, (1, length), generator=gen), steps)
+        for length in lengths
+    }
+    for length, seconds in median_seconds(by_length, args.repeats).items():
+        print(f"  context {int(length):5d}: {1000 * seconds / steps:6.2f} ms/token")
 
 
 if __name__ == "__main__":
