@@ -15,6 +15,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 ENGINE_TAG = "engine"
+UNIVERSAL_TAG = "universal"
 
 # Config fields that fix parameter shapes: a checkpoint cannot be loaded into a model that differs in any of them.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "head_size", "intermediate_size", "decay_lora_rank",
@@ -175,29 +178,62 @@ def check_model_shape(saved_config: dict[str, Any], config: dict[str, Any], path
                            "use the recipe it was trained with, or a new --out directory")
 
 
-def load_checkpoint(engine: Any, path: Path, *, rank: int, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def needs_universal(trainer_state: dict[str, Any], world_size: int, zero_stage: int) -> bool:
+    """True when a checkpoint's ZeRO partitioning differs from this run's (another world size or ZeRO stage).
+
+    ZeRO >= 1 shards optimizer state per rank and DeepSpeed refuses such state at a new world size; it must go
+    through DeepSpeed's universal checkpoint format. ZeRO 0 state is whole and loads anywhere.
+    """
+    saved_world, saved_stage = trainer_state.get("world_size", world_size), trainer_state.get("zero_stage", 0)
+    return max(saved_stage, zero_stage) > 0 and (saved_world != world_size or saved_stage != zero_stage)
+
+
+def _ensure_universal(path: Path, rank: int) -> None:
+    """Convert ``path/engine`` to DeepSpeed's universal format in ``path/universal`` once (rank 0; atomic)."""
+    final = path / UNIVERSAL_TAG
+    if rank == 0 and not (final / COMPLETE).is_file():
+        tmp = path / f".{UNIVERSAL_TAG}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / ENGINE_TAG),
+               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
+               "--inject_missing_state"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SpikeLMError(f"could not convert checkpoint {str(path)!r} to DeepSpeed's universal format for a new "
+                               f"world size / ZeRO stage:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        atomic_write_text(tmp / COMPLETE, "converted\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+    _barrier()
+
+
+def load_checkpoint(engine: Any, path: Path, *, rank: int, world_size: int,
+                    universal: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load a checkpoint into ``engine`` (collective); returns ``(trainer_state, rank_state)``.
 
-    With a different world size than at save time, every rank takes rank 0's RNG and loader state (the loader
-    position is global) and DeepSpeed re-partitions the ZeRO state.
+    With ``universal`` (see :func:`needs_universal`; the engine must have been built with
+    ``checkpoint.load_universal``) the engine state is first converted so DeepSpeed can re-partition it. With a
+    different world size every rank takes rank 0's RNG and loader state (the loader position is global).
     """
     trainer_state = read_trainer_state(path)
     saved_world = trainer_state.get("world_size", world_size)
     rank_file = path / (f"rank{rank}.pt" if saved_world == world_size else "rank0.pt")
     rank_state = _load(rank_file)
-    engine_dir = path / ENGINE_TAG
-    if not engine_dir.is_dir():
+    if not (path / ENGINE_TAG).is_dir():
         raise SpikeLMError(f"checkpoint {str(path)!r} has no engine state folder {ENGINE_TAG!r}; it is damaged")
+    if universal:
+        _ensure_universal(path, rank)
+    tag = UNIVERSAL_TAG if universal else ENGINE_TAG
     try:
-        load_path, _ = engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_optimizer_states=True,
+        load_path, _ = engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
-    except (RuntimeError, OSError, KeyError, ValueError) as err:
+    except (RuntimeError, OSError, KeyError, ValueError, AssertionError) as err:
         raise SpikeLMError(f"could not load the engine state of checkpoint {str(path)!r} ({type(err).__name__}: "
                            f"{err}); it was written with world size {saved_world}, now {world_size}") from err
     if load_path is None:
-        raise SpikeLMError(f"DeepSpeed found no engine state in {str(engine_dir)!r}; the checkpoint is damaged")
+        raise SpikeLMError(f"DeepSpeed found no engine state in {str(path / tag)!r}; the checkpoint is damaged")
     return trainer_state, rank_state
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "find_latest_checkpoint", "read_trainer_state", "check_model_shape",
-           "atomic_write_text", "rng_state", "set_rng_state", "SHAPE_FIELDS"]
+__all__ = ["save_checkpoint", "load_checkpoint", "needs_universal", "find_latest_checkpoint", "read_trainer_state",
+           "check_model_shape", "atomic_write_text", "rng_state", "set_rng_state", "SHAPE_FIELDS"]

@@ -30,6 +30,7 @@ from spikelm.checkpoint import (
     check_model_shape,
     find_latest_checkpoint,
     load_checkpoint,
+    needs_universal,
     read_trainer_state,
     rng_state,
     save_checkpoint,
@@ -335,8 +336,15 @@ def train(recipe: Recipe, run_dir: Path, *, resume: Path | None = None, no_resum
 
     # Resume point, read before building anything heavy so a mismatched recipe fails fast.
     checkpoint = None if no_resume else (resume or find_latest_checkpoint(run_dir))
+    universal = False
+    ds_config = recipe.deepspeed_config(world_size)
     if checkpoint is not None:
-        check_model_shape(read_trainer_state(checkpoint)["model_config"], config.to_dict(), checkpoint)
+        saved = read_trainer_state(checkpoint)
+        check_model_shape(saved["model_config"], config.to_dict(), checkpoint)
+        universal = needs_universal(saved, world_size, recipe.deepspeed.zero_stage)
+        if universal:
+            # A new world size or ZeRO stage: DeepSpeed re-partitions the state from its universal format.
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
     torch.manual_seed(recipe.seed)
     model = SpikeLMForCausalLM(config)
@@ -346,15 +354,15 @@ def train(recipe: Recipe, run_dir: Path, *, resume: Path | None = None, no_resum
     optim = recipe.optim
     optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
                                   eps=optim.eps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=recipe.deepspeed_config(world_size))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     loader = spikedata.BatchLoader(train_blocks, recipe.train.micro_batch_size, rank=rank, world_size=world_size,
                                    seed=recipe.seed)
     total_steps = recipe.train.total_steps(world_size)
     tokens_per_step = recipe.train.tokens_per_step(world_size)
     step, tokens_seen = 0, 0
     if checkpoint is not None:
-        trainer_state, rank_state = load_checkpoint(engine, checkpoint, rank=rank, world_size=world_size)
+        trainer_state, rank_state = load_checkpoint(engine, checkpoint, rank=rank, world_size=world_size,
+                                                    universal=universal)
         step, tokens_seen = trainer_state["step"], trainer_state["tokens_seen"]
         loader.load_state_dict(rank_state["loader"])
         set_rng_state(rank_state["rng"])
@@ -377,6 +385,7 @@ def train(recipe: Recipe, run_dir: Path, *, resume: Path | None = None, no_resum
 
     def save(at_step: int) -> Path:
         trainer_state = {"step": at_step, "tokens_seen": tokens_seen, "world_size": world_size,
+                         "zero_stage": recipe.deepspeed.zero_stage,
                          "recipe": recipe.to_dict(), "model_config": config.to_dict()}
         rank_state = {"rng": rng_state(), "loader": loader.state_dict()}
         return save_checkpoint(engine, run_dir, at_step, trainer_state, rank_state, rank=rank,
