@@ -6,10 +6,11 @@ state carried in from the previous chunks; across chunks the state is passed by 
 Numerical safety. With ``A_t = sum_{m <= t} w_m`` (cumulative log-decay inside the chunk) the decay between a key at
 ``s`` and a query at ``t > s`` is ``exp(A_{t-1} - A_s) <= 1``. The usual factorisation ``(r_t e^{A_{t-1}}) (k_s
 e^{-A_s})`` overflows as soon as ``-A_s > 88`` (a single token with ``w = -exp(5)`` does it), and ``0 * inf`` gives
-NaN. So the intra-chunk decay is formed pairwise as ``exp(A_{t-1} - A_s)`` with the exponent masked to ``-inf``
-above the diagonal *before* the exponential, which never overflows; the inter-chunk terms only use exponents
-``A_{t-1} - 0 <= 0`` and ``A_{C-1} - A_s <= 0``, also safe. The pairwise tensor costs ``[C, C, K]`` per chunk,
-i.e. C times the size of k, which is why C is small (16).
+NaN. So the intra-chunk decay is formed pairwise as ``exp(sum_{s < m < t} w_m)`` (a cumulative sum of w masked to
+``m > s``; a difference of two cumulative sums would lose ~1e-4 in float32 for such decays), with the exponent
+masked to ``-inf`` for ``t <= s`` *before* the exponential, so nothing overflows; the inter-chunk terms only use
+exponents ``sum_{m < t} w_m <= 0`` and ``sum_{m > s} w_m <= 0``, also safe. The pairwise tensor costs
+``[C, C, K]`` per chunk, i.e. C times the size of k, which is why C is small (16).
 """
 
 from __future__ import annotations
@@ -58,32 +59,31 @@ def chunk_rwkv6_torch(
     rc, kc, vc, wc = chunked(r), chunked(k), chunked(v), chunked(w)
     u32 = u.float()[None, :, None, None, :]  # (1, H, 1, 1, K)
 
-    # Cumulative log-decays in float64: with w = -exp(5) they reach -2000 within a chunk, where float32 keeps only
-    # ~1e-4 absolute precision, and the differences A_{t-1} - A_s below would lose it.
-    A64 = wc.double().cumsum(dim=3)  # (B, H, N, C, K) inclusive cumulative log-decay A_t
-    A_prev64 = A64 - wc.double()  # A_{t-1}: exclusive cumsum (starts at 0)
-    A_prev = A_prev64.float()
-    A_last64 = A64[:, :, :, -1:, :]  # (B, H, N, 1, K) decay of the whole chunk
-    A_last = A_last64.float()
+    # Every exponent below is a sum of log-decays over the span it covers (never a difference of two long cumulative
+    # sums, which in float32 loses ~1e-4 once w = -exp(5) makes them reach -2000 within a chunk).
+    A_prev = wc.cumsum(dim=3) - wc  # (B, H, N, C, K) sum_{m < t} w_m: incoming state -> query t
+    to_end = wc.flip(3).cumsum(dim=3).flip(3) - wc  # (B, H, N, C, K) sum_{m > s} w_m: key s -> chunk end
+    chunk_log_decay = wc.sum(dim=3)  # (B, H, N, K)
 
-    # Intra-chunk attention, strictly causal: att[t, s] = sum_i r_t[i] k_s[i] exp(A_{t-1}[i] - A_s[i]), s < t.
-    causal = torch.ones(C, C, dtype=torch.bool, device=r.device).tril(-1)  # (C_t, C_s)
-    log_decay = (A_prev64[..., :, None, :] - A64[..., None, :, :]).float()  # (B, H, N, C_t, C_s, K)
-    log_decay = log_decay.masked_fill(~causal[:, :, None], float("-inf"))  # mask before exp: no inf * 0
-    att = torch.einsum("bhntk,bhnsk,bhntsk->bhnts", rc, kc, torch.exp(log_decay))
+    # Intra-chunk attention, strictly causal: att[t, s] = sum_i r_t[i] k_s[i] exp(sum_{s < m < t} w_m[i]), s < t.
+    after = torch.ones(C, C, dtype=torch.bool, device=r.device).triu(1)  # (C_s, C_m): m > s
+    w_after = wc[..., None, :, :] * after[:, :, None]  # (B, H, N, C_s, C_m, K) w_m for m > s, else 0
+    span = w_after.cumsum(dim=-2) - w_after  # (B, H, N, C_s, C_t, K) sum_{s < m < t} w_m for t > s
+    decay = torch.exp(span.masked_fill(~after[:, :, None], float("-inf")))  # masked before exp: 0 for t <= s
+    att = torch.einsum("bhnstk,bhnsk->bhnts", decay * rc[..., None, :, :], kc)  # (B, H, N, C_t, C_s)
     # Diagonal (current token) uses the bonus u instead of a decay.
     bonus = (rc * u32 * kc).sum(-1, keepdim=True)  # (B, H, N, C, 1)
     o = att @ vc + bonus * vc  # (B, H, N, C, V)
 
     # Inter-chunk: each chunk's own contribution to the state it hands on, decayed to the chunk end (exponent <= 0).
-    k_to_end = kc * torch.exp((A_last64 - A64).float())  # (B, H, N, C, K)
-    chunk_kv = k_to_end.transpose(-1, -2) @ vc  # (B, H, N, K, V)
-    chunk_decay = torch.exp(A_last).squeeze(3)[..., None]  # (B, H, N, K, 1)
+    chunk_kv = (kc * torch.exp(to_end)).transpose(-1, -2) @ vc  # (B, H, N, K, V)
+    chunk_decay = torch.exp(chunk_log_decay)[..., None]  # (B, H, N, K, 1)
     state = r.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
     states_in = []  # state entering each chunk, (B, H, K, V) each
-    for n in range(N):
+    # unbind once: indexing [:, :, n] in the loop would make autograd allocate a full-size zero gradient per chunk
+    for decay_n, kv_n in zip(chunk_decay.unbind(2), chunk_kv.unbind(2), strict=True):
         states_in.append(state)
-        state = chunk_decay[:, :, n] * state + chunk_kv[:, :, n]
+        state = decay_n * state + kv_n
     S = torch.stack(states_in, dim=2)  # (B, H, N, K, V)
     o = o + (rc * torch.exp(A_prev)) @ S  # query sees the incoming state decayed by A_{t-1} (exponent <= 0)
 
