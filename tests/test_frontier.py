@@ -1,0 +1,132 @@
+"""``tools/frontier.py`` end to end on a two-point sweep (dense twin + adaptive k=3) at test size: a tiny model, a
+few steps, a slice of real Shakespeare. Checks the table, the plot and that a second call retrains nothing and
+overwrites no finished point."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_train import write_corpus, write_tiny_recipe  # noqa: F401  (also sets the DeepSpeed CPU environment)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("frontier_tool", REPO / "tools" / "frontier.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+frontier = _load_tool()
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A finished two-point sweep and the arguments that made it."""
+    root = tmp_path_factory.mktemp("frontier")
+    corpus = write_corpus(root / "corpus", chars=20_000)
+    recipe = write_tiny_recipe(root, corpus, train={"max_steps": 40},
+                               eval={"every_steps": 0, "max_batches": 1, "sample_tokens": 0})
+    out = root / "out"
+    # --set reaches every point's training: 3 steps instead of the recipe's 40.
+    argv = ["--recipe", str(recipe), "--out", str(out), "--points", "none,adaptive-k3", "--set", "train.max_steps=3",
+            "--tokens", "200", "--cache-dir", str(root / "cache")]
+    assert frontier.main(argv) == 0
+    return out, argv
+
+
+def _snapshot(out: Path) -> dict[str, tuple[int, bytes]]:
+    """Modification time and content of every file of the finished points."""
+    return {str(path.relative_to(out)): (path.stat().st_mtime_ns, path.read_bytes())
+            for path in sorted(out.glob("*/**/*")) if path.is_file()}
+
+
+def test_two_point_sweep_writes_table_and_plot(sweep):
+    out, _ = sweep
+    with open(out / "frontier.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["point"] for row in rows] == ["none", "adaptive-k3"]
+    table = json.loads((out / "frontier.json").read_text())
+    points = {row["point"]: row for row in table["points"]}
+    assert set(points) == {"none", "adaptive-k3"}
+    assert table["settings"]["set"] == ["train.max_steps=3"] and table["settings"]["tokens"] == 200
+    assert table["machine"]["nproc"] >= 1 and table["machine"]["torch"]
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    dense, spiking = points["none"], points["adaptive-k3"]
+    for name, row in points.items():
+        # every figure comes from the files spikelm train / eval / sparsity wrote for that point
+        evaluation = json.loads((out / name / "eval.json").read_text())
+        sparsity = json.loads((out / name / "sparsity.json").read_text())
+        assert row["bits_per_byte"] == evaluation["bits_per_byte"] > 0
+        assert row["zero_fraction"] == sparsity["total"]["zero_fraction"]
+        assert row["energy_ratio"] == sparsity["energy_ratio"]
+        assert row["train_steps"] == 3 and row["train_tokens"] == 3 * 4 * 16
+        assert row["eval_tokens"] == 200 and row["sparsity_tokens"] == 200
+
+    assert yaml.safe_load((out / "adaptive-k3" / "recipe.yaml").read_text())["model"]["adaptive_k"] == 3.0
+    assert yaml.safe_load((out / "none" / "recipe.yaml").read_text())["model"]["neuron"] == "none"
+    assert dense["bpb_vs_dense"] == 0.0 and dense["energy_ratio"] == 1.0 and dense["synops_per_token"] == 0
+    assert spiking["bpb_vs_dense"] == pytest.approx(spiking["bits_per_byte"] / dense["bits_per_byte"] - 1)
+    assert spiking["synops_per_token"] > 0 and 0 < spiking["energy_ratio"] < 1
+    assert spiking["dense_macs_per_token"] == dense["dense_macs_per_token"] > 0  # same sites, same fan-out
+
+
+def test_rerun_retrains_nothing_and_keeps_finished_points(sweep, capsys):
+    out, argv = sweep
+    before = _snapshot(out)
+    assert frontier.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished earlier") == 2
+    assert "spikelm train" not in printed
+    assert _snapshot(out) == before
+
+
+def test_a_point_without_results_is_measured_again_without_retraining(sweep, capsys):
+    out, argv = sweep
+    point = out / "adaptive-k3"
+    kept = {name: (point / name).read_bytes() for name in ("point.json", "metrics.jsonl", "train-done.json")}
+    weights = (point / "export" / "model.safetensors").stat().st_mtime_ns
+    (point / "point.json").unlink()
+    (point / "sparsity.json").unlink()
+    assert frontier.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "spikelm sparsity" in printed and "spikelm train" not in printed and "spikelm eval" not in printed
+    assert (point / "export" / "model.safetensors").stat().st_mtime_ns == weights
+    for name, content in kept.items():
+        assert (point / name).read_bytes() == content, name
+
+
+def test_other_settings_for_the_same_sweep_are_refused(sweep, capsys):
+    out, argv = sweep
+    before = _snapshot(out)
+    changed = [*argv[:-4], "--tokens", "300", *argv[-2:]]
+    assert frontier.main(changed) == 2
+    assert "tokens: sweep has 200, now 300" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("text", ["adaptive", "adaptive-k0", "adaptive-kx", "relu", "none,none", ""])
+def test_bad_points_are_refused(text):
+    with pytest.raises(frontier.FrontierError, match="points"):
+        frontier.parse_points(text)
+
+
+def test_point_names_select_the_neuron():
+    assert frontier.parse_point("adaptive-k0.5").overrides == ["model.neuron=adaptive", "model.adaptive_k=0.5"]
+    assert frontier.parse_point("lif").overrides == ["model.neuron=lif"]
+    assert [p.name for p in frontier.parse_points("none, gated")] == ["none", "gated"]
+
+
+def test_set_may_not_choose_the_neuron(tmp_path, capsys):
+    code = frontier.main(["--out", str(tmp_path), "--points", "none", "--set", "model.neuron=lif"])
+    assert code == 2
+    assert "the points choose model.neuron" in capsys.readouterr().err
