@@ -272,6 +272,19 @@ def _grad_norm(model: torch.nn.Module) -> float | None:
     return float(torch.stack(grads).norm()) if grads else None
 
 
+def unigram_entropy(blocks: Any, vocab_size: int, max_tokens: int = 10_000_000) -> float | None:
+    """Entropy in nats of the token frequencies of (the first ``max_tokens`` of) a map-style split, else ``None``.
+
+    The loss of a model that ignores context entirely; a model that learns anything beats it.
+    """
+    tokens = getattr(blocks, "tokens", None)
+    if tokens is None:
+        return None
+    counts = torch.bincount(torch.from_numpy(tokens[:max_tokens].astype("int64")), minlength=vocab_size).double()
+    probs = counts[counts > 0] / counts.sum()
+    return float(-(probs * probs.log()).sum())
+
+
 def _sample(model: Any, tokenizer: Any, prompt: str, new_tokens: int, seed: int, device: torch.device) -> str:
     """A short sampled continuation; uses a forked RNG so sampling never changes the training RNG stream."""
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
@@ -378,6 +391,9 @@ def train(recipe: Recipe, run_dir: Path, *, resume: Path | None = None, no_resum
         f"{tokens_per_step} tokens/step; {total_steps} steps = {total_steps * tokens_per_step / 1e6:.2f}M tokens")
     n_train = f"{len(train_blocks)} blocks" if hasattr(train_blocks, "__len__") else "streaming"
     say(f"train data: {n_train}; held-out: {len(heldout_blocks)} blocks; run directory: {run_dir}")
+    entropy = unigram_entropy(train_blocks, config.vocab_size) if is_main else None
+    if entropy is not None:
+        say(f"unigram entropy of the training tokens: {entropy:.3f} nats/token (the loss to beat)")
 
     metrics = MetricsLog(run_dir, enabled=is_main, tensorboard=recipe.logging.tensorboard, resume_step=step)
     eval_batches = heldout_batches(heldout_blocks, recipe.train.micro_batch_size, recipe.eval.max_batches,
@@ -504,6 +520,13 @@ def export(engine: Any, tokenizer: Any, run_dir: Path, *, zero_stage: int, rank:
             state_dict = {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
         module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        # The weights are saved in fp32 even after bf16 training; say so, or Auto classes would load them as bf16.
+        config_path = tmp / "config.json"
+        saved_config = json.loads(config_path.read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in saved_config:
+                saved_config[key] = "float32"
+        config_path.write_text(json.dumps(saved_config, indent=2, sort_keys=True) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -512,4 +535,5 @@ def export(engine: Any, tokenizer: Any, run_dir: Path, *, zero_stage: int, rank:
     return final
 
 
-__all__ = ["add_arguments", "run", "train", "export", "lm_loss", "param_groups", "TrainingDiverged", "DEFAULT_RECIPE"]
+__all__ = ["add_arguments", "run", "train", "export", "unigram_entropy", "lm_loss", "param_groups", "TrainingDiverged",
+           "DEFAULT_RECIPE"]
