@@ -344,12 +344,16 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path, *, goal_sparsity: floa
         if relative:
             axis.axhline(0.0, color="black", lw=0.8)
             axis.axhline(100.0 * goal_bpb, color="tab:red", lw=0.8, ls="--")
+    ax.set_xlim(left=min(-2.0, ax.get_xlim()[0]), right=100.0)
     if relative:
-        ax.axvspan(100.0 * goal_sparsity, 100.0, ymin=0, ymax=1, color="tab:green", alpha=0.05)
+        # The goal region: at least goal_sparsity zeros and at most goal_bpb worse than the dense twin.
+        bottom, top = ax.get_ylim()
+        ax.fill_between([100.0 * goal_sparsity, 100.0], bottom, 100.0 * goal_bpb, color="tab:green", alpha=0.12,
+                        zorder=1, label="goal")
+        ax.set_ylim(bottom, top)
         ax.axvline(100.0 * goal_sparsity, color="tab:red", lw=0.8, ls="--")
         ax.set_title(f"goal: sparsity >= {goal_sparsity:.0%}, bits/byte within {goal_bpb:.0%} of the dense twin",
                      fontsize=9)
-    ax.set_xlim(left=min(-2.0, ax.get_xlim()[0]), right=100.0)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
