@@ -77,3 +77,25 @@ def test_zero3_two_processes_match_one(tmp_path, corpus, cache, reference):
 
     model = AutoModelForCausalLM.from_pretrained(out / "export")
     assert all(p.numel() > 0 for p in model.parameters())
+
+
+def test_hostfile_goes_through_the_deepspeed_launcher(tmp_path, corpus, monkeypatch):
+    # Multi-node needs ssh between hosts, which a test machine does not have: check the command we hand over.
+    import spikelm.training as training
+
+    calls = []
+    monkeypatch.setattr(training.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    monkeypatch.delenv("SPIKELM_LAUNCHED", raising=False)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node1 slots=8\nnode2 slots=8\n")
+    recipe = _recipe(tmp_path, corpus, 2, MICRO)
+    assert train_cli(recipe, tmp_path / "run", tmp_path / "cache", "--hostfile", str(hostfile),
+                     "--nproc-per-node", "8", "--master-port", "29555") == 0
+    (cmd, env), = calls
+    launcher = cmd[cmd.index("deepspeed.launcher.runner") - 1:]
+    assert launcher[:8] == ["-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--master_port", "29555",
+                            "--num_gpus", "8"]
+    assert cmd[cmd.index("--module") + 1:][:3] == ["spikelm.cli", "train", str(recipe.resolve())]
+    assert "--nproc-per-node" not in cmd and "--hostfile" not in cmd[cmd.index("--module"):]
+    assert env["SPIKELM_LAUNCHED"] == "1"
+    assert train_cli(recipe, tmp_path / "run", tmp_path / "cache", "--hostfile", str(tmp_path / "missing")) == 2
