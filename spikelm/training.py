@@ -383,7 +383,7 @@ def train(recipe: Recipe, run_dir: Path, *, resume: Path | None = None, no_resum
 
     if is_main:
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 partitions parameters
     say(f"spikelm train: {recipe.name}: {n_params / 1e6:.2f}M parameters, vocab {config.vocab_size}, "
         f"{world_size} rank(s) on {device.type}, ZeRO {recipe.deepspeed.zero_stage}, {recipe.precision}")
     say(f"global batch = {recipe.train.micro_batch_size} micro x {recipe.train.grad_accum} accum x {world_size} "
