@@ -46,10 +46,9 @@ class ChannelMix(_SpikingMix):
         new_state: State = {}
         x = mask_tokens(x, mask)
         delta = token_shift(x, None if state is None else state.get("shift")) - x
-        mix = self.shift_mix.to(x.dtype)
-        k = torch.relu(self._site("key", torch.addcmul(x, delta, mix[0]), state, new_state, mask)).square()
-        r = torch.sigmoid(self._site("receptance", torch.addcmul(x, delta, mix[1]), state, new_state, mask))
-        out = r * self._site("value", k, state, new_state, mask)
+        mixed = torch.addcmul(x, delta, self.shift_mix.to(x.dtype).view(2, 1, 1, -1))  # (2, B, T, C)
+        k, r = self._sites(("key", "receptance"), mixed, state, new_state, mask)
+        out = torch.sigmoid(r) * self._site("value", torch.relu(k).square(), state, new_state, mask)
         if not use_cache:
             return out, None
         new_state["shift"] = x[:, -1]

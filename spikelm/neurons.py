@@ -62,6 +62,11 @@ class SpikingNeuron(nn.Module):
         self.max_count = max_count
         self.observers: list[Observer] = []
 
+    def fires_like(self, other: SpikingNeuron) -> bool:
+        """True when both neurons are stateless and apply the same per-token rule, so one call on their stacked
+        inputs gives exactly what each would give alone (the model then fires several sites in one call)."""
+        return False
+
     def _notify(self, counts: Tensor, mask: Tensor | None) -> None:
         for observer in self.observers:
             observer(self, counts, mask)
@@ -118,7 +123,10 @@ class AdaptiveNeuron(SpikingNeuron):
 
     def forward(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> tuple[Tensor, None]:
         x32 = _masked(x.float(), mask)
-        threshold = x32.abs().mean(dim=-1, keepdim=True).clamp(min=self.eps) / self.k  # [B, T, 1]
+        # mean(|x|) / k as one fused L1 reduction, scaled and clamped in place on the small [B, T, 1] result. No
+        # gradient flows through V_th (see _AdaptiveQuantize), so autograd need not record it.
+        threshold = torch.linalg.vector_norm(x32.detach(), 1, dim=-1, keepdim=True)  # [B, T, 1]
+        threshold = threshold.mul_(1.0 / (x.shape[-1] * self.k)).clamp_(min=self.eps / self.k)
         if torch.is_grad_enabled() and x32.requires_grad:
             y, counts = _AdaptiveQuantize.apply(x32, threshold, self.max_spikes)
         else:  # inference: skip the autograd.Function call (a measurable share of a decoding step)
@@ -126,6 +134,9 @@ class AdaptiveNeuron(SpikingNeuron):
         if self.observers:
             self._notify(counts, mask)
         return y.to(x.dtype), None
+
+    def fires_like(self, other: SpikingNeuron) -> bool:
+        return isinstance(other, AdaptiveNeuron) and (other.k, other.max_spikes) == (self.k, self.max_spikes)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, k={self.k}"
@@ -198,6 +209,9 @@ class IdentityNeuron(SpikingNeuron):
 
     def __init__(self, fan_out: int) -> None:
         super().__init__(fan_out, None)
+
+    def fires_like(self, other: SpikingNeuron) -> bool:
+        return isinstance(other, IdentityNeuron)
 
     def forward(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> tuple[Tensor, None]:
         x = _masked(x, mask)

@@ -35,7 +35,7 @@ def mask_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
 def token_shift(x: Tensor, previous: Tensor | None) -> Tensor:
     """``x_{t-1}`` for every t: ``[B, T, C]``, with ``previous [B, C]`` (the cache) or zeros before the first."""
     first = x.new_zeros(x.shape[0], 1, x.shape[2]) if previous is None else previous.unsqueeze(1).to(x.dtype)
-    return torch.cat([first, x[:, :-1]], dim=1)
+    return first if x.shape[1] == 1 else torch.cat([first, x[:, :-1]], dim=1)
 
 
 def channel_ramp(channels: int, device: torch.device | None = None) -> Tensor:
@@ -43,18 +43,46 @@ def channel_ramp(channels: int, device: torch.device | None = None) -> Tensor:
     return torch.arange(channels, dtype=torch.float32, device=device) / channels
 
 
+def wkv6_step(r: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, bonus: Tensor,
+              state: Tensor) -> tuple[Tensor, Tensor]:
+    """One token of ``rwkv6_scan`` (the same math as its naive loop, without the loop): r, k, v, log_decay
+    ``[B, H, K]``, bonus ``[H, K]``, state ``[B, H, K, V]`` fp32 -> ``(o [B, H, V] fp32, new state)``."""
+    r, k, v = r.float(), k.float(), v.float()
+    kv = k.unsqueeze(-1) * v.unsqueeze(-2)  # (B, H, K, V)
+    out = (r.unsqueeze(-2) @ torch.addcmul(state, bonus.unsqueeze(-1), kv)).squeeze(-2)  # (B, H, V)
+    return out, torch.addcmul(kv, log_decay.float().exp().unsqueeze(-1), state)
+
+
 class _SpikingMix(nn.Module):
     """Shared plumbing: spike sites whose (possibly stateful) neurons keep their state under their own name."""
 
     backend: str | None = None
 
+    def _decoding_step_on_cpu(self, x: Tensor) -> bool:
+        # One token on CPU with the automatic backend (a generation step): the recurrence is the whole computation,
+        # and a handful of torch ops beat the chunked torch path (which pads the token to a full chunk) 5-10x. On
+        # CUDA the kernel dispatcher already picks its fused-recurrent Triton kernel for short inputs.
+        return self.backend is None and x.shape[1] == 1 and not x.is_cuda
+
     def _scan_backend(self, x: Tensor) -> str | None:
-        # One token on CPU (a decoding step): the recurrent step is the whole computation, and the float32 loop is
-        # 3-6x faster than the chunked torch path, which pads the token to a full chunk. Otherwise let the kernel
-        # dispatcher choose (Triton on CUDA picks its own fused-recurrent kernel for short inputs).
-        if self.backend is None and x.shape[1] == 1 and not x.is_cuda:
-            return "naive"
-        return self.backend
+        return "naive" if self._decoding_step_on_cpu(x) else self.backend
+
+    def _sites(self, names: tuple[str, ...], stacked: Tensor, state: State | None, new_state: State,
+               mask: Tensor | None) -> list[Tensor]:
+        """Spike sites ``names`` on their stacked inputs ``[S, B, T, C]`` -> S outputs ``[B, T, out]``.
+
+        When the sites' neurons are stateless, fire alike and nobody observes them, one neuron call on the whole
+        stack replaces S calls (identical results: the rule is per token); decoding is dominated by such small ops.
+        """
+        sites = [getattr(self, name) for name in names]
+        first = sites[0].neuron
+        if all(first.fires_like(site.neuron) and not site.neuron.observers for site in sites):
+            S, B, T, C = stacked.shape
+            stacked_mask = None if mask is None else mask.repeat(S, 1)
+            spikes, _ = first(stacked.reshape(S * B, T, C), None, stacked_mask)
+            spikes = spikes.view(S, B, T, C)  # (S, B, T, C)
+            return [site.linear(spikes[i]) for i, site in enumerate(sites)]
+        return [self._site(name, stacked[i], state, new_state, mask) for i, name in enumerate(names)]
 
     def _site(self, name: str, x: Tensor, state: State | None, new_state: State, mask: Tensor | None) -> Tensor:
         out, neuron_state = getattr(self, name)(x, None if state is None else state.get(name), mask)
@@ -125,21 +153,23 @@ class RWKV6TimeMix(_SpikingMix):
         x = mask_tokens(x, mask)
         delta = token_shift(x, None if state is None else state.get("shift")) - x
         mixed = torch.addcmul(x, delta, self.shift_mix.to(x.dtype).view(-1, 1, 1, C))  # (5, B, T, C)
-        r = self._site("receptance", mixed[0], state, new_state, mask)
-        k = self._site("key", mixed[1], state, new_state, mask)
-        v = self._site("value", mixed[2], state, new_state, mask)
-        g = self._site("gate", mixed[3], state, new_state, mask)
-        decay_lora = self.decay_up(torch.tanh(self._site("decay", mixed[4], state, new_state, mask)))
+        r, k, v, g, decay_in = self._sites(self.MIXES, mixed, state, new_state, mask)
+        decay_lora = self.decay_up(torch.tanh(decay_in))
         log_decay = -torch.exp(self.time_decay.float() + decay_lora.float())  # (B, T, C), fp32, <= 0
         if mask is not None:
             # A pad must leave the state untouched: no key written (k = 0), no decay (exp(0) = 1).
             k = mask_tokens(k, mask)
             log_decay = mask_tokens(log_decay, mask)
-        wkv, wkv_state = rwkv6_scan(
-            r.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, K), log_decay.view(B, T, H, K),
-            self.bonus.float(), None if state is None else state.get("wkv"), output_final_state=use_cache,
-            backend=self._scan_backend(x),
-        )  # (B, T, H, K)
+        previous = None if state is None else state.get("wkv")
+        if previous is not None and self._decoding_step_on_cpu(x):
+            wkv, wkv_state = wkv6_step(r.view(B, H, K), k.view(B, H, K), v.view(B, H, K), log_decay.view(B, H, K),
+                                       self.bonus.float(), previous)
+            wkv = wkv.view(B, T, H, K)
+        else:
+            wkv, wkv_state = rwkv6_scan(
+                r.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, K), log_decay.view(B, T, H, K),
+                self.bonus.float(), previous, output_final_state=use_cache, backend=self._scan_backend(x),
+            )  # (B, T, H, K)
         out = self.group_norm(wkv.reshape(B * T, C).to(x.dtype)).view(B, T, C) * F.silu(g)
         out = self._site("output", out, state, new_state, mask)
         if not use_cache:
@@ -197,9 +227,8 @@ class RWKV4TimeMix(_SpikingMix):
         x = mask_tokens(x, mask)
         delta = token_shift(x, None if state is None else state.get("shift")) - x
         mixed = torch.addcmul(x, delta, self.shift_mix.to(x.dtype).view(-1, 1, 1, x.shape[-1]))  # (3, B, T, C)
-        k = self._site("key", mixed[0], state, new_state, mask).float()
-        v = self._site("value", mixed[1], state, new_state, mask).float()
-        r = torch.sigmoid(self._site("receptance", mixed[2], state, new_state, mask))
+        k, v, r = self._sites(self.MIXES, mixed, state, new_state, mask)
+        k, v, r = k.float(), v.float(), torch.sigmoid(r)
         if mask is not None:
             k = k.masked_fill(~mask.unsqueeze(-1), self.PAD_KEY)
         wkv, wkv_state = rwkv4_scan(-torch.exp(self.time_decay.float()), self.time_first.float(), k, v,
@@ -221,4 +250,4 @@ def build_time_mix(config: SpikeLMConfig, layer_id: int) -> RWKV6TimeMix | RWKV4
     raise ValueError(f"SpikeLMConfig.time_mix={config.time_mix!r} is not one of 'rwkv6', 'rwkv4'")
 
 
-__all__ = ["RWKV6TimeMix", "RWKV4TimeMix", "build_time_mix", "token_shift", "mask_tokens", "channel_ramp"]
+__all__ = ["RWKV6TimeMix", "RWKV4TimeMix", "build_time_mix", "token_shift", "mask_tokens", "channel_ramp", "wkv6_step"]
