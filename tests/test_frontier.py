@@ -60,6 +60,8 @@ def test_two_point_sweep_writes_table_and_plot(sweep):
     assert table["settings"]["set"] == ["train.max_steps=3"] and table["settings"]["tokens"] == 200
     assert table["machine"]["nproc"] >= 1 and table["machine"]["torch"]
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "frontier.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in markdown[2:]] == ["none", "adaptive-k3"]
 
     dense, spiking = points["none"], points["adaptive-k3"]
     for name, row in points.items():

@@ -21,7 +21,8 @@ in its own run directory ``<out>/<point>/``:
 - ``point.json``: the point's figures, written last and atomically. A point that has it is finished and is never
   run or written again; the table is rebuilt from every ``point.json`` under ``<out>``.
 
-Outputs under ``<out>``: ``frontier.csv``, ``frontier.json`` (settings, machine and rows) and ``frontier.png``
+Outputs under ``<out>``: ``frontier.csv``, ``frontier.json`` (settings, machine and rows), ``frontier.md`` (the
+table in Markdown) and ``frontier.png``
 (x = activation sparsity, y = held-out bits per byte relative to the dense twin). ``frontier-settings.json`` pins
 the recipe, overrides and token budget of the sweep: a later call with different ones is refused, so every row of
 one table is comparable.
@@ -314,6 +315,7 @@ def write_table(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any],
         writer.writerow({key: ("" if row.get(key) is None else row.get(key)) for key in CSV_COLUMNS})
     write_text_atomically(out / "frontier.csv", buffer.getvalue())
     write_json_atomically(out / "frontier.json", {"settings": settings, "machine": machine, "points": rows})
+    write_text_atomically(out / "frontier.md", markdown_table(rows))
 
 
 def plot_frontier(rows: list[dict[str, Any]], path: Path, *, goal_sparsity: float = 0.70,
@@ -360,6 +362,27 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path, *, goal_sparsity: floa
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The table as Markdown, for docs/results.md (every figure straight from the rows)."""
+    def fmt(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = ["| point | bits/byte | vs dense twin | zeros | mean \\|count\\| | SynOps/token | dense MACs/token "
+             "| energy ratio | final train loss | train time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        rel = None if row.get("bpb_vs_dense") is None else 100.0 * row["bpb_vs_dense"]
+        # the dense twin has no spike counts (its report's mean is of |activation|)
+        mean_count = None if row["neuron"] == DENSE_POINT else row["mean_abs_count"]
+        lines.append(
+            f"| {row['point']} | {fmt(row['bits_per_byte'], '.4f')} | {fmt(rel, '+.2f')}% "
+            f"| {fmt(100.0 * row['zero_fraction'], '.1f')}% | {fmt(mean_count, '.3f')} "
+            f"| {fmt(row['synops_per_token'], ',.0f')} | {fmt(row['dense_macs_per_token'], ',.0f')} "
+            f"| {fmt(row['energy_ratio'], '.3f')} | {fmt(row['final_train_loss'], '.3f')} "
+            f"| {fmt(row['train_seconds'], '.0f')} s |")
+    return "\n".join(lines) + "\n"
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
