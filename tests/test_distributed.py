@@ -58,6 +58,7 @@ def _two_processes(recipe: Path, out: Path, cache: Path, *extra: str) -> int:
         os.environ.update(saved)
 
 
+@pytest.mark.slow
 def test_zero2_two_processes_match_one_and_resume_in_one_process(tmp_path, corpus, cache, reference):
     out = tmp_path / "run"
     assert _two_processes(_recipe(tmp_path / "two", corpus, 2, MICRO), out, cache, "--stop-at-step", "3") == 0
@@ -68,6 +69,7 @@ def test_zero2_two_processes_match_one_and_resume_in_one_process(tmp_path, corpu
     assert (out / "export" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_zero3_two_processes_match_one(tmp_path, corpus, cache, reference):
     out = tmp_path / "run"
     assert _two_processes(_recipe(tmp_path, corpus, 3, MICRO), out, cache) == 0

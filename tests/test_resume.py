@@ -91,6 +91,7 @@ def test_resume_with_a_different_model_shape_is_an_error(tmp_path, corpus, cache
     assert "hidden_size: checkpoint 32 vs recipe 48" in err
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_continues(tmp_path, corpus, cache):
     recipe = write_tiny_recipe(tmp_path, corpus, train={"max_steps": 100_000})
     out = tmp_path / "run"
