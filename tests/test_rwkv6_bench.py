@@ -26,7 +26,9 @@ def test_bench_runs_on_cpu_at_tiny_shapes(capsys):
     out = capsys.readouterr().out
     assert "Triton timings need a CUDA GPU" in out
     kernels = {row["kernel"] for row in rows}
-    assert kernels == {"rwkv6", "rwkv4", "lif", "gated"}
+    assert kernels == {"rwkv6", "rwkv6 spiking", "rwkv4", "lif", "gated"}
+    assert {row["direction"] for row in rows if row["kernel"] == "rwkv6 spiking"} == {"fwd"}  # inference only
+    assert {row["direction"] for row in rows if row["kernel"] == "rwkv6"} == {"fwd", "fwdbwd"}
     for row in rows:
         assert row["impl"] in ("torch", "naive") and row["ms"] > 0 and row["gbps"] > 0
         if row["impl"] == "naive":

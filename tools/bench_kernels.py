@@ -1,6 +1,7 @@
 """Benchmark the fused scans of ``spikelm.kernels``: time, achieved GB/s and TFLOP/s, fraction of peak bandwidth.
 
-On CUDA (default): every kernel (rwkv6 fused-recurrent and chunked, rwkv4, lif, gated) forward and forward+backward
+On CUDA (default): every kernel (rwkv6 fused-recurrent and chunked, rwkv4, lif, gated) forward and forward+backward,
+and the forward of ``rwkv6_scan_spiking`` (scan fused with the adaptive neuron)
 at realistic shapes (rwkv6: B=8, T=2048, H=16, K=V=64, bf16; neurons: B*T*C = 8*2048*1024 = 16M elements), timed
 with ``triton.testing.do_bench``, against the torch path of the same kernel; flash-linear-attention's
 ``chunk_rwkv6`` / ``fused_recurrent_rwkv6`` are timed too when ``fla`` is importable.
@@ -44,6 +45,7 @@ class Case:
     bwd_bytes: float  # minimum bytes moved by the backward alone
     fwd_flops: float  # forward FLOPs (backward counted as 2x)
     extra: dict[str, Callable[[dict[str, torch.Tensor]], torch.Tensor]] = field(default_factory=dict)  # e.g. fla
+    forward_only: bool = False  # inference paths (no backward to time)
 
 
 def peak_bandwidth(device_name: str, override: float | None) -> float | None:
@@ -55,6 +57,7 @@ def peak_bandwidth(device_name: str, override: float | None) -> float | None:
 
 def rwkv6_cases(B: int, T: int, H: int, K: int, dtype: torch.dtype, device: str, modes: tuple[str, ...]) -> list[Case]:
     from spikelm.kernels import rwkv6_scan
+    from spikelm.kernels.rwkv6 import rwkv6_scan_spiking
 
     V = K
     size = torch.finfo(dtype).bits // 8
@@ -82,6 +85,13 @@ def rwkv6_cases(B: int, T: int, H: int, K: int, dtype: torch.dtype, device: str,
 
         label = f"rwkv6 {mode}" if len(modes) > 1 else "rwkv6"
         cases.append(Case(label, make_inputs, call, fwd_bytes, bwd_bytes, flops, fla_variants(mode)))
+
+    # The scan fused with the adaptive neuron (counts out instead of o): against scan-then-neuron of each backend.
+    def spiking_call(x: dict[str, torch.Tensor], backend: str) -> torch.Tensor:
+        return rwkv6_scan_spiking(**x, output_final_state=True, backend=backend)[0]
+
+    cases.append(Case("rwkv6 spiking", make_inputs, spiking_call, fwd_bytes + B * T * 4, 0.0, flops,
+                      forward_only=True))
     return cases
 
 
@@ -197,6 +207,8 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
     print("-" * len(header))
     for case in cases:
         for direction in args.directions:
+            if direction == "fwdbwd" and case.forward_only:
+                continue
             moved = case.fwd_bytes + (case.bwd_bytes if direction == "fwdbwd" else 0.0)
             flops = case.fwd_flops * (3.0 if direction == "fwdbwd" else 1.0)
             impls = {b: (lambda x, b=b, case=case: case.call(x, b)) for b in backends}
