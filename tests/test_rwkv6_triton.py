@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_rwkv6 import TOLERANCE, assert_close, make_inputs, oracle, rel_rms, run_with_grads
+from test_rwkv6 import assert_close, make_inputs, oracle, rel_rms, run_with_grads
 
 from spikelm.kernels import rwkv6_scan
 from spikelm.kernels.rwkv6 import naive_rwkv6
@@ -122,4 +122,5 @@ def test_triton_real_shapes_on_gpu(mode, B, T, H, K, V, dtype):
     expected = run_with_grads(lambda **kw: rwkv6_scan(**kw, backend="torch"), {n: x.float() if n != "initial_state"
                                                                              else x for n, x in inputs.items()})
     actual = run_with_grads(lambda **kw: rwkv6_scan(**kw, backend="triton", mode=mode), inputs)
-    assert_close(actual, expected, max(TRITON_TOLERANCE[dtype], TOLERANCE[dtype]) * 2)
+    # fp32: dw sums O(T) terms in two reverse cumulative sums, so long sequences lose a few more digits
+    assert_close(actual, expected, 1e-4 if dtype == torch.float32 else 4e-2)
