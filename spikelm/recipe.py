@@ -274,8 +274,11 @@ class Recipe:
         """The DeepSpeed config dict for ``world_size`` data-parallel ranks."""
         ds = self.deepspeed
         zero: dict[str, Any] = {"stage": ds.zero_stage}
+        extra: dict[str, Any] = {}
         if ds.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+            # The loop always hands DeepSpeed torch's AdamW (no op build, same maths on every setup).
+            extra["zero_force_ds_cpu_optimizer"] = False
         if ds.offload_param:
             zero["offload_param"] = {"device": "cpu", "pin_memory": False}
         config: dict[str, Any] = {
@@ -289,6 +292,7 @@ class Recipe:
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,  # we log ourselves
             "wall_clock_breakdown": False,
+            **extra,
         }
         return _deep_merge(config, ds.config)
 

@@ -169,3 +169,25 @@ def test_bad_inputs_fail_before_training(tmp_path, corpus, cache, capsys):
     err = capsys.readouterr().err
     assert "model.vocab_size" in err and "384" in err and "512" in err
     assert not (tmp_path / "run3" / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def plain_curve(tmp_path_factory, corpus, cache) -> list[float]:
+    """Three steps of the tiny recipe with ZeRO 0 in fp32: what every other engine option must reproduce."""
+    directory = tmp_path_factory.mktemp("plain")
+    assert train_cli(write_tiny_recipe(directory, corpus, train={"max_steps": 3}), directory / "run", cache) == 0
+    return [r["loss"] for r in read_metrics(directory / "run")]
+
+
+@pytest.mark.parametrize("sections", [
+    {"deepspeed": {"zero_stage": 1, "activation_checkpointing": True}},
+    {"deepspeed": {"zero_stage": 2, "offload_optimizer": True}},
+    {"deepspeed": {"zero_stage": 3, "offload_optimizer": True, "offload_param": True}},
+    {"precision": "bf16", "deepspeed": {"zero_stage": 1}},
+], ids=["zero1-activation-checkpointing", "zero2-offload", "zero3-offload", "bf16"])
+def test_every_engine_option_trains_like_plain_data_parallel(tmp_path, corpus, cache, plain_curve, sections):
+    out = tmp_path / "run"
+    assert train_cli(write_tiny_recipe(tmp_path, corpus, train={"max_steps": 3}, **sections), out, cache) == 0
+    tolerance = 5e-3 if sections.get("precision") == "bf16" else 1e-5
+    assert [r["loss"] for r in read_metrics(out)] == pytest.approx(plain_curve, rel=tolerance)
+    assert (out / "export" / "model.safetensors").is_file()
