@@ -26,6 +26,8 @@ from .naive import naive_rwkv6
 # fused-recurrent kernel.
 FUSED_RECURRENT_MAX_T = 64
 MODES = ("chunk", "fused_recurrent")
+# The Triton chunked kernel's default: 16 is the smallest tl.dot dimension; the torch path's is DEFAULT_CHUNK_SIZE.
+TRITON_CHUNK_SIZE = 16
 
 
 def _check_inputs(
@@ -71,9 +73,9 @@ def _check_inputs(
         raise ValueError(f"rwkv6_scan: all inputs must be on one device, got {where}; move them with .to(device)")
 
 
-def _check_chunk_size(chunk_size: int | None) -> int:
+def _check_chunk_size(chunk_size: int | None, backend: str) -> int:
     if chunk_size is None:
-        return DEFAULT_CHUNK_SIZE
+        return TRITON_CHUNK_SIZE if backend == "triton" else DEFAULT_CHUNK_SIZE
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"rwkv6_scan: chunk_size={chunk_size!r} must be a positive int (e.g. 16) or None")
     return chunk_size
@@ -104,7 +106,8 @@ def rwkv6_scan(
         initial_state: ``[B, H, K, V]`` state before the first token (float32 recommended), or ``None`` for zeros.
         output_final_state: also return the state after the last token (to continue the scan later).
         backend: ``None``/``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"naive"`` or ``"triton"``.
-        chunk_size: tokens per chunk of the chunked paths (torch and Triton ``mode="chunk"``); default 16.
+        chunk_size: tokens per chunk of the chunked paths; ``None``: 8 for torch (fastest on CPU), 16 for Triton
+            ``mode="chunk"`` (which accepts 16, 32 or 64).
         mode: Triton only: ``"chunk"`` (``tl.dot`` inside chunks; training and prefill) or ``"fused_recurrent"``
             (one pass over T, state on chip; decoding). ``None`` picks fused-recurrent for ``T <= 64``, chunked
             otherwise.
@@ -116,10 +119,10 @@ def rwkv6_scan(
     All paths are differentiable w.r.t. r, k, v, w, u and initial_state. Non-contiguous inputs are accepted.
     """
     _check_inputs(r, k, v, w, u, initial_state)
-    C = _check_chunk_size(chunk_size)
     if mode is not None and mode not in MODES:
         raise ValueError(f"rwkv6_scan: mode={mode!r} is not one of {', '.join(map(repr, MODES))} or None")
     which = resolve_backend(backend, r, k, v, w, u)
+    C = _check_chunk_size(chunk_size, which)
     if which == "naive":
         return naive_rwkv6(r, k, v, w, u, initial_state, output_final_state)
     if which == "torch":

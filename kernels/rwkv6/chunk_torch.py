@@ -10,7 +10,7 @@ NaN. So the intra-chunk decay is formed pairwise as ``exp(sum_{s < m < t} w_m)``
 ``m > s``; a difference of two cumulative sums would lose ~1e-4 in float32 for such decays), with the exponent
 masked to ``-inf`` for ``t <= s`` *before* the exponential, so nothing overflows; the inter-chunk terms only use
 exponents ``sum_{m < t} w_m <= 0`` and ``sum_{m > s} w_m <= 0``, also safe. The pairwise tensor costs
-``[C, C, K]`` per chunk, i.e. C times the size of k, which is why C is small (16).
+``[C, C, K]`` per chunk, i.e. C times the size of k, which is why C is small (8).
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK_SIZE = 16
+# Measured on CPU (B=8, T=128 and B=2, T=512; H=4, K=32; fwd+bwd): C=8 is ~2x faster than 16 and 4x faster than 32,
+# because the pairwise [C, C, K] decay tensor grows with C while the loop over T / C chunks stays cheap.
+DEFAULT_CHUNK_SIZE = 8
 
 
 def chunk_rwkv6_torch(

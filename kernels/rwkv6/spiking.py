@@ -113,8 +113,8 @@ def rwkv6_scan_spiking(
         raise ValueError(f"rwkv6_scan_spiking: max_spikes={max_spikes!r} must be an int >= 1 (default 8)")
     if mode is not None and mode not in MODES:
         raise ValueError(f"rwkv6_scan_spiking: mode={mode!r} is not one of {', '.join(map(repr, MODES))} or None")
-    C = _check_chunk_size(chunk_size)
     which = resolve_backend(backend, r, k, v, w, u)
+    C = _check_chunk_size(chunk_size, which)
     if which in ("torch", "naive"):
         # Scan in float32 (what the fused kernel quantises), then the neuron.
         o, final_state = rwkv6_scan(r.float(), k.float(), v.float(), w.float(), u.float(), initial_state, True,
