@@ -134,7 +134,7 @@ def test_bad_input_raises(kwargs, message):
 
 TRITON_CASES = [
     pytest.param(1, 5, 40, torch.float32, 2, True, id="B1-T5-C40-fp32-bits2-two-channel-blocks"),
-    pytest.param(2, 11, 8, torch.float32, 2, True, id="B2-T11-C8-fp32-bits2-learned"),
+    pytest.param(2, 21, 8, torch.float32, 2, True, id="B2-T21-C8-two-token-tiles-fp32-bits2-learned"),
     pytest.param(1, 9, 5, torch.float32, 1, False, id="B1-T9-C5-fp32-bits1-scalar"),
     pytest.param(2, 1, 6, torch.float32, 3, True, id="B2-T1-C6-fp32-bits3-learned"),
     pytest.param(1, 10, 6, torch.bfloat16, 3, True, id="B1-T10-C6-bf16-bits3-learned"),
@@ -205,6 +205,8 @@ def compile_for_hopper(module: str, kernels: list, sequence_pointers: list[str])
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels themselves run")
 def test_triton_kernels_compile_for_hopper():
-    tile = {"BLOCK_T": 8, "BLOCK_C": 128}
-    kernels = [("_gated_fwd_kernel", {"LEVELS": 3, **tile}, []), ("_gated_bwd_kernel", tile, [])]
+    from spikelm.kernels.gated.fused_recurrent import BWD_BLOCK_T, FWD_BLOCK_T
+
+    forward, backward = {"BLOCK_T": FWD_BLOCK_T, "BLOCK_C": 128}, {"BLOCK_T": BWD_BLOCK_T, "BLOCK_C": 32}
+    kernels = [("_gated_fwd_kernel", {"LEVELS": 3, **forward}, []), ("_gated_bwd_kernel", backward, [])]
     compile_for_hopper("gated", kernels, ["x_ptr", "counts_ptr", "grad_counts_ptr", "grad_x_ptr"])

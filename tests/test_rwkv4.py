@@ -183,7 +183,7 @@ def test_bad_input_raises(kwargs, message):
 
 TRITON_CASES = [
     pytest.param(1, 5, 40, torch.float32, 0.0, True, id="B1-T5-C40-fp32-two-channel-blocks"),
-    pytest.param(2, 11, 8, torch.float32, 0.0, True, id="B2-T11-C8-fp32-state"),
+    pytest.param(2, 21, 8, torch.float32, 0.0, True, id="B2-T21-C8-two-token-tiles-fp32-state"),
     pytest.param(1, 9, 5, torch.float32, 0.0, False, id="B1-T9-C5-fp32-nostate"),
     pytest.param(2, 1, 6, torch.float32, 0.0, True, id="B2-T1-C6-fp32-state"),
     pytest.param(1, 12, 6, torch.float32, 5.0, True, id="B1-T12-C6-fp32-strong-decay"),
@@ -268,11 +268,12 @@ def compile_for_hopper(module: str, kernels: list, sequence_pointers: list[str])
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels themselves run")
 def test_triton_kernels_compile_for_hopper():
-    tile = {"BLOCK_T": 8, "BLOCK_C": 128}
+    from spikelm.kernels.rwkv4.fused_recurrent import BWD_BLOCK_T, FWD_BLOCK_T
+
+    forward, backward = {"BLOCK_T": FWD_BLOCK_T, "BLOCK_C": 128}, {"BLOCK_T": BWD_BLOCK_T, "BLOCK_C": 32}
     kernels = [
-        ("_rwkv4_fwd_kernel", {"STORE_OUTPUT": True, "STORE_STATES": False, **tile}, []),
-        ("_rwkv4_fwd_kernel", {"STORE_OUTPUT": False, "STORE_STATES": True, **tile}, []),
-        ("_rwkv4_bwd_kernel", tile, []),
+        ("_rwkv4_fwd_kernel", {"STORE_OUTPUT": True, "STORE_STATES": True, **forward}, []),  # both code paths at once
+        ("_rwkv4_bwd_kernel", backward, []),
     ]
     sequences = ["k_ptr", "v_ptr", "wkv_ptr", "grad_wkv_ptr", "grad_k_ptr", "grad_v_ptr"]
     compile_for_hopper("rwkv4", kernels, sequences)
