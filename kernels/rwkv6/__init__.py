@@ -22,8 +22,9 @@ from ..utils import resolve_backend
 from .chunk_torch import DEFAULT_CHUNK_SIZE, chunk_rwkv6_torch
 from .naive import naive_rwkv6
 
-# Below this length the chunked kernel's per-chunk overhead is not repaid: decoding steps and short prompts use the
-# fused-recurrent kernel.
+# Up to this length the Triton dispatcher uses the fused-recurrent kernel (decoding steps, short prompts: one program
+# per head walks a few tokens, no chunk-state buffer), beyond it the chunked kernel (parallel over chunks). The
+# threshold is a design choice not yet measured on a GPU: check it with tools/bench_kernels.py --T ...
 FUSED_RECURRENT_MAX_T = 64
 MODES = ("chunk", "fused_recurrent")
 # The Triton chunked kernel's default: 16 is the smallest tl.dot dimension; the torch path's is DEFAULT_CHUNK_SIZE.
