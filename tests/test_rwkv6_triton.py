@@ -55,11 +55,12 @@ def test_triton_without_initial_or_final_state(mode):
     # No initial state (zeros, no gradient) and no final-state gradient: the kernels' optional paths.
     inputs = make_inputs(1, 11, 2, 16, 16, torch.float32)
     inputs.pop("initial_state")
-    leaves = {n: x.clone().requires_grad_(True) for n, x in inputs.items()}
+    leaves = {n: x.to(DEVICE).requires_grad_(True) for n, x in inputs.items()}
     o, final = rwkv6_scan(**leaves, backend="triton", mode=mode)
     assert final is None
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(3))
-    grads = torch.autograd.grad((o * do).sum(), list(leaves.values()))
+    grads = [g.cpu() for g in torch.autograd.grad((o * do.to(DEVICE)).sum(), list(leaves.values()))]
+    o = o.cpu()
     ref_leaves = {n: x.clone().requires_grad_(True) for n, x in inputs.items()}
     o_ref, _ = naive_rwkv6(**ref_leaves)
     ref_grads = torch.autograd.grad((o_ref * do).sum(), list(ref_leaves.values()))
