@@ -43,6 +43,9 @@ def gated_scan(
     Returns:
         ``(counts, (i_final, acc_final))``: integer-valued counts ``[B, T, C]`` in x's dtype (multiply by theta
         for the value) and the final ``I`` and accumulator ``[B, C]`` fp32.
+
+    Saved for backward: ``naive`` keeps autograd's per-token graph; ``torch`` keeps x and the fp32 ``I``
+    ``[B, T, C]``; ``triton`` keeps only x (its backward recomputes ``I`` on chip).
     """
     check_sequence("x", x)
     channels = x.shape[2]

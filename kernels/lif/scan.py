@@ -82,6 +82,9 @@ def lif_scan(
         backend: ``None``/``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"naive"`` or ``"triton"``.
     Returns:
         ``(spikes, v_final)``: binary spikes ``[B, T, C]`` in x's dtype and the final membrane ``[B, C]`` fp32.
+
+    Saved for backward: ``naive`` keeps autograd's per-token graph; ``torch`` and ``triton`` keep the fp32
+    pre-spike membrane ``h`` ``[B, T, C]`` (Triton writes it only when a gradient is needed) plus v0, tau, v_th.
     """
     check_sequence("x", x)
     if reset not in RESETS:

@@ -56,6 +56,10 @@ def rwkv4_scan(
         backend: ``None``/``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"naive"`` or ``"triton"``.
     Returns:
         ``(wkv, (num, den, max_state))``: ``wkv`` ``[B, T, C]`` in v's dtype and the final state, fp32 ``[B, C]``.
+
+    Saved for backward: ``naive`` keeps autograd's per-token graph; ``torch`` (two-level scan, chunks of ~sqrt(T))
+    keeps autograd's tensors, about twenty fp32 ``[B, T, C]``; ``triton`` keeps only its inputs and recomputes the
+    per-token states into fp32 scratch (3 x ``[B, T, C]``) during the backward.
     """
     check_sequence("k", k)
     check_sequence("v", v)
