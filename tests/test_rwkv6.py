@@ -18,7 +18,7 @@ GRAD_NAMES = ("r", "k", "v", "w", "u", "initial_state")
 
 def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """sqrt(mean((a - e)^2)) / sqrt(mean(e^2)); NaN/inf anywhere fails the caller's check."""
-    a, e = actual.double(), expected.double()
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     assert torch.isfinite(a).all(), "non-finite values in the result"
     assert torch.isfinite(e).all(), "non-finite values in the reference"
     return ((a - e).pow(2).mean().sqrt() / e.pow(2).mean().sqrt().clamp_min(1e-30)).item()
@@ -54,8 +54,8 @@ def run_with_grads(
     leaves = {name: x.detach().clone().requires_grad_(True) for name, x in inputs.items()}
     o, final = fn(**leaves, output_final_state=True)
     g = torch.Generator().manual_seed(seed)
-    do = torch.randn(o.shape, generator=g).to(o.dtype)
-    dfinal = torch.randn(final.shape, generator=g)
+    do = torch.randn(o.shape, generator=g).to(device=o.device, dtype=o.dtype)  # CPU generator: same on any device
+    dfinal = torch.randn(final.shape, generator=g).to(final.device)
     loss = (o.float() * do.float()).sum() + (final * dfinal).sum()
     grads = torch.autograd.grad(loss, [leaves[n] for n in GRAD_NAMES])
     result = {"o": o.detach(), "final_state": final.detach()}
