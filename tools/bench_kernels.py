@@ -156,7 +156,7 @@ def make_step(fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], inputs: dic
 
         return forward
     leaves = [x for x in inputs.values() if x.requires_grad]
-    grad_out = torch.randn_like(fn(inputs).float()).to(fn(inputs).dtype)
+    grad_out = torch.randn_like(fn(inputs).detach())
 
     def forward_backward() -> object:
         return torch.autograd.grad(fn(inputs), leaves, grad_out)
