@@ -113,6 +113,28 @@ def test_chunked_calls_with_state_equal_one_call():
     assert torch.equal(torch.cat([first, second], 1), spikes) and torch.equal(v_end, v_final)
 
 
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_scalar_tensor_parameters_get_their_gradient(backend):
+    """tau and v_th given as 0-d tensors get 0-d gradients: the sums of the per-channel ones."""
+    x, v0, tau, v_th = make_inputs(1, 6, 5, torch.float32, learned=False)
+    scalar = [torch.tensor(2.0, requires_grad=True), torch.tensor(1.0, requires_grad=True)]
+    per_channel = [torch.full((5,), 2.0, requires_grad=True), torch.full((5,), 1.0, requires_grad=True)]
+    for params in (scalar, per_channel):
+        spikes, v_final = lif_scan(x, v0, *params, backend=backend)
+        (spikes.sum() + v_final.sum()).backward()
+    for one, many in zip(scalar, per_channel, strict=True):
+        assert one.grad.shape == () and torch.allclose(one.grad, many.grad.sum(), rtol=1e-5)
+
+
+def test_non_contiguous_input():
+    x, v0, tau, v_th = make_inputs(2, 7, 10, torch.float32, learned=True)
+    strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, batch-minor strides
+    for backend in ["torch", "triton"]:
+        spikes, v_final = lif_scan(strided, v0, tau, v_th, backend=backend)
+        ref_spikes, ref_v = lif_scan(x, v0, tau, v_th, backend="naive")
+        assert torch.equal(spikes, ref_spikes) and torch.allclose(v_final, ref_v, atol=1e-6)
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -162,6 +162,26 @@ def test_chunked_calls_with_state_equal_one_call(backend):
         assert_close(name, got, want, 1e-6)
 
 
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, 200], ids=lambda n: f"chunk{n}")
+def test_torch_chunk_sizes(chunk_size):
+    """Any chunk length gives the same result (default is ~sqrt(T)); 7 leaves a short last chunk of 2 of T=23."""
+    from spikelm.kernels.rwkv4 import rwkv4_scan_naive, rwkv4_scan_torch
+
+    w, u, k, v, state = make_inputs(2, 23, 5, torch.float32)
+    wkv, final = rwkv4_scan_torch(w, u, k, v, state, chunk_size=chunk_size)
+    ref_wkv, ref_final = rwkv4_scan_naive(w, u, k, v, state)
+    assert_close("wkv", wkv, ref_wkv, 1e-5)
+    for name, got, want in zip(["num", "den", "max_state"], final, ref_final, strict=True):
+        assert_close(name, got, want, 1e-5)
+
+
+def test_default_backend_on_cpu_is_the_torch_path():
+    w, u, k, v, state = make_inputs(1, 9, 4, torch.float32)
+    wkv, final = rwkv4_scan(w, u, k, v, state)
+    torch_wkv, torch_final = rwkv4_scan(w, u, k, v, state, backend="torch")
+    assert torch.equal(wkv, torch_wkv) and all(map(torch.equal, final, torch_final))
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
