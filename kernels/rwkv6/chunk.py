@@ -366,6 +366,8 @@ def chunk_rwkv6_bwd(
     _chunk_bwd_kernel[(NT, B * H)](
         r, k, v, w, h, dh, do, dr_state, dk_state, dv_state, T, NT,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, DOT_PRECISION=_precision(r),
+        # two [BK, BV] fp32 states per program: at K = V = 128, 4 warps spill ~630 B/thread on sm_90, 8 warps ~150 B
+        num_warps=8 if BK * BV > 64 * 64 else 4,
     )
     # pairs that end in the final state: sum_j dS_T[i, j] S_{T-1}[i, j] (see combine_state_grads)
     x_final = (dht * ht).sum(-1) if dht is not None else ht.new_zeros(B, H, K)
