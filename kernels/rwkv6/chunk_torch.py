@@ -56,7 +56,8 @@ def chunk_rwkv6_torch(
     def chunked(x: torch.Tensor) -> torch.Tensor:
         # (B, T, H, D) -> (B, H, N, C, D), float32, zero-padded along T
         x = F.pad(x.float(), (0, 0, 0, 0, 0, pad))
-        return x.view(B, N, C, H, x.shape[-1]).permute(0, 3, 1, 2, 4)
+        # contiguous: batched matmuls on the permuted view would copy every [C, D] matrix one by one
+        return x.view(B, N, C, H, x.shape[-1]).permute(0, 3, 1, 2, 4).contiguous()
 
     rc, kc, vc, wc = chunked(r), chunked(k), chunked(v), chunked(w)
     u32 = u.float()[None, :, None, None, :]  # (1, H, 1, 1, K)
