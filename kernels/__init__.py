@@ -13,7 +13,7 @@ else:
     from .gated import gated_scan
     from .lif import lif_scan
     from .rwkv4 import rwkv4_scan
-    from .rwkv6 import rwkv6_scan
+    from .rwkv6 import rwkv6_scan, rwkv6_scan_spiking
     from .utils import resolve_backend
 
-    __all__ = ["rwkv6_scan", "rwkv4_scan", "lif_scan", "gated_scan", "resolve_backend"]
+    __all__ = ["rwkv6_scan", "rwkv6_scan_spiking", "rwkv4_scan", "lif_scan", "gated_scan", "resolve_backend"]
