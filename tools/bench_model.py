@@ -1,8 +1,9 @@
 """Benchmark a ``tiny`` SpikeLM against transformers' ``RwkvForCausalLM`` on this CPU, in one run.
 
-Prints training tokens/s (forward + backward), generation tokens/s (one token at a time with the recurrent state,
-after a prefill) for both models with the same width, depth, FFN width and vocabulary, their ratios, and SpikeLM's
-per-token generation time at several context lengths (it should stay flat: the state has a fixed size).
+Prints training tokens/s (forward + backward) and generation tokens/s (a bare decoding loop, one token at a time
+with the recurrent state after a prefill, and ``model.generate`` greedy, as a user runs it) for both models with the
+same width, depth, FFN width and vocabulary, their ratios, and SpikeLM's per-token generation time at several
+context lengths (it should stay flat: the state has a fixed size).
 
     python tools/bench_model.py                      # defaults: 2 threads, batch 4 x 256 tokens
     python tools/bench_model.py --threads 1 --contexts 100,500,1000,2000
@@ -81,6 +82,16 @@ def rwkv_decoder(model: RwkvForCausalLM, prompt: torch.Tensor, steps: int) -> Ca
     return decode
 
 
+def hf_generate(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> Callable[[], None]:
+    """``model.generate`` greedy for exactly ``steps`` new tokens: what a user of the HF API sees per token."""
+    def run() -> None:
+        with torch.inference_mode():
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps, min_new_tokens=steps,
+                           do_sample=False, pad_token_id=0)
+
+    return run
+
+
 def build_models(args: argparse.Namespace) -> tuple[SpikeLMForCausalLM, SpikeLMForCausalLM, RwkvForCausalLM]:
     torch.manual_seed(0)
     spikelm6 = SpikeLMForCausalLM(SpikeLMConfig.from_preset("tiny", vocab_size=args.vocab, time_mix="rwkv6"))
@@ -126,14 +137,16 @@ def main() -> None:
                                                                                               args.gen_steps)
                 for name, model in models.items()}
     gen_tps = {name: args.gen_steps / s for name, s in median_seconds(decoders, args.repeats).items()}
+    generators = {name: hf_generate(model, prompt, args.gen_steps) for name, model in models.items()}
+    api_tps = {name: args.gen_steps / s for name, s in median_seconds(generators, args.repeats).items()}
 
-    print(f"\n{'model':32s} {'params':>9s} {'train tok/s':>12s} {'gen tok/s':>10s}")
+    print(f"\n{'model':32s} {'params':>9s} {'train tok/s':>12s} {'decode tok/s':>13s} {'generate() tok/s':>17s}")
     for name in models:
-        print(f"{name:32s} {params[name]:9d} {train_tps[name]:12.0f} {gen_tps[name]:10.1f}")
+        print(f"{name:32s} {params[name]:9d} {train_tps[name]:12.0f} {gen_tps[name]:13.1f} {api_tps[name]:17.1f}")
     base = "RwkvForCausalLM (CPU path)"
     for name in list(models)[:2]:
         print(f"{name} / RwkvForCausalLM: training x{train_tps[name] / train_tps[base]:.2f}, "
-              f"generation x{gen_tps[name] / gen_tps[base]:.2f}")
+              f"decode loop x{gen_tps[name] / gen_tps[base]:.2f}, generate() x{api_tps[name] / api_tps[base]:.2f}")
 
     print("\nSpikeLM tiny rwkv6: per-token generation time vs context length (prefill, then decode)")
     steps = 32
