@@ -129,7 +129,7 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
     def _check_input_ids(self, input_ids: Tensor) -> None:
         if input_ids.dtype.is_floating_point:
             raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
-        low, high = int(input_ids.min()), int(input_ids.max())
+        low, high = (int(bound) for bound in torch.aminmax(input_ids))  # one pass over the ids
         if low < 0 or high >= self.config.vocab_size:
             bad = high if high >= self.config.vocab_size else low
             raise ValueError(
