@@ -131,3 +131,14 @@ def test_lr_schedule_is_warmup_then_cosine():
     assert lrs[20:] == [pytest.approx(0.1)] * 5
     with pytest.raises(ValueError, match="step"):
         lr_at(-1, lr=1.0, min_lr=0.1, warmup_steps=4, total_steps=20)
+
+
+def test_streaming_data_resumes_exactly(tmp_path, corpus, cache):
+    # Streaming: the loader position (documents consumed + carried-over tokens) is in the checkpoint.
+    recipe = write_tiny_recipe(tmp_path, corpus, train={"max_steps": 6}, data={"streaming": True, "shuffle_buffer": 50})
+    assert train_cli(recipe, tmp_path / "straight", cache) == 0
+    assert train_cli(recipe, tmp_path / "split", cache, "--stop-at-step", "3") == 0
+    assert train_cli(recipe, tmp_path / "split", cache) == 0
+    expected, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
+    assert sorted(resumed) == list(range(1, 7))
+    assert [resumed[s] for s in range(1, 7)] == pytest.approx([expected[s] for s in range(1, 7)], rel=1e-6)
