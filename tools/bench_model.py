@@ -5,8 +5,8 @@ with the recurrent state after a prefill, and ``model.generate`` greedy, as a us
 same width, depth, FFN width and vocabulary, their ratios, and SpikeLM's per-token generation time at several
 context lengths (it should stay flat: the state has a fixed size).
 
-    python tools/bench_model.py                      # defaults: 2 threads, batch 4 x 256 tokens
-    python tools/bench_model.py --threads 1 --contexts 100,500,1000,2000
+    python tools/bench_model.py                      # defaults: 1 thread, batch 4 x 256 tokens
+    python tools/bench_model.py --threads 2 --contexts 100,500,1000,2000
 
 Not a test: timings depend on the machine and its load. Both models run under the same ``torch.set_num_threads``.
 """
@@ -106,7 +106,9 @@ def build_models(args: argparse.Namespace) -> tuple[SpikeLMForCausalLM, SpikeLMF
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for every model (default 2)")
+    # One thread by default: on a shared 2-core machine, 2 OpenMP threads per process oversubscribe the cores and the
+    # timings become noise (10x slower, erratic); use --threads 2 on an idle machine.
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for every model (default 1)")
     parser.add_argument("--batch", type=int, default=4, help="training batch size")
     parser.add_argument("--seq", type=int, default=256, help="training sequence length")
     parser.add_argument("--vocab", type=int, default=512, help="vocabulary size of both models")
