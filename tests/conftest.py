@@ -9,6 +9,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Test shapes are tiny: one intra-op thread avoids thread start-up overhead and oversubscribing the 2 CI cores
+# when a test runs 2-process training beside the main process.
+torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 
