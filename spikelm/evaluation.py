@@ -1,7 +1,7 @@
 """Held-out loss, perplexity and bits per byte, and the ``spikelm eval`` subcommand.
 
 :func:`evaluate_lm` is the one evaluation used both by the training loop's periodic eval and by ``spikelm eval``.
-Bits per byte = total NLL in bits / total UTF-8 bytes of the decoded target tokens, so models with different
+Bits per byte = total NLL in bits / total UTF-8 bytes the target tokens stand for, so models with different
 tokenizers can be compared.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,11 +31,11 @@ class EvalResult:
     perplexity: float
     """``exp(loss)``."""
     bits_per_byte: float | None
-    """Total NLL in bits / UTF-8 bytes of the decoded targets (None without a tokenizer)."""
+    """Total NLL in bits / UTF-8 bytes the targets stand for (None without a tokenizer)."""
     tokens: int
     """Predicted tokens evaluated (over all ranks)."""
     bytes: int
-    """UTF-8 bytes of the decoded targets (over all ranks; 0 without a tokenizer)."""
+    """UTF-8 bytes the targets stand for (over all ranks; 0 without a tokenizer; see ``token_byte_lengths``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,6 +60,31 @@ def heldout_batches(blocks: Any, micro_batch_size: int, max_batches: int, *, ran
     return batches
 
 
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def token_byte_lengths(tokenizer: Any) -> torch.Tensor:
+    """UTF-8 bytes of text each token id stands for, ``[len(tokenizer)]`` int64; special tokens count 0.
+
+    Counting per token (not decoding rows) keeps bits per byte exact where a multi-byte character is split into
+    byte-fallback pieces across two rows, and costs one table lookup per batch. Sentencepiece pieces: ``▁`` is one
+    space and ``<0xNN>`` one byte; other tokenizers: the bytes of each token decoded on its own.
+    """
+    ids = list(range(len(tokenizer)))
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    special = set(tokenizer.all_special_ids)
+    sentencepiece = any(isinstance(p, str) and p.startswith("\u2581") for p in pieces)
+    lengths = []
+    for token_id, piece in zip(ids, pieces, strict=True):
+        if token_id in special or piece is None:
+            lengths.append(0)
+        elif sentencepiece:
+            lengths.append(1 if _BYTE_PIECE.fullmatch(piece) else len(piece.replace("\u2581", " ").encode("utf-8")))
+        else:
+            lengths.append(len(tokenizer.decode([token_id]).encode("utf-8")))
+    return torch.tensor(lengths, dtype=torch.int64)
+
+
 @torch.no_grad()
 def evaluate_lm(model: Callable[..., Any], batches: Iterable[torch.Tensor], tokenizer: Any | None = None,
                 *, device: torch.device | str | None = None) -> EvalResult:
@@ -75,6 +101,7 @@ def evaluate_lm(model: Callable[..., Any], batches: Iterable[torch.Tensor], toke
         first = next(iter(getattr(model, "parameters", lambda: iter([]))()), None)
         device = first.device if first is not None else torch.device("cpu")
     nll = torch.zeros((), dtype=torch.float64, device=device)
+    byte_lengths = None
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # tokens, bytes
     for batch in batches:
         if batch.dim() != 2 or batch.size(1) < 2:
@@ -85,9 +112,9 @@ def evaluate_lm(model: Callable[..., Any], batches: Iterable[torch.Tensor], toke
         nll += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
         counts[0] += targets.numel()
         if tokenizer is not None:
-            # Decode each row on its own: bytes of the text those targets stand for (special tokens dropped).
-            counts[1] += sum(len(tokenizer.decode(row, skip_special_tokens=True).encode("utf-8"))
-                             for row in targets.tolist())
+            if byte_lengths is None:
+                byte_lengths = token_byte_lengths(tokenizer).to(device)
+            counts[1] += byte_lengths[targets].sum()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(nll)
         torch.distributed.all_reduce(counts)
@@ -174,4 +201,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["EvalResult", "evaluate_lm", "heldout_batches", "blocks_from_text", "add_arguments", "run"]
+__all__ = ["EvalResult", "evaluate_lm", "token_byte_lengths", "heldout_batches", "blocks_from_text", "add_arguments",
+           "run"]

@@ -142,8 +142,6 @@ def test_bad_batches_raise_value_errors(saved):
         evaluate_lm(model, [], tokenizer)
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation: evaluate_lm decodes each row on its own, so a multi-byte "
-                   "character split across two rows decodes to U+FFFD (3 bytes) in each instead of its own bytes")
 def test_bytes_of_a_character_split_across_rows(saved):
     model, tokenizer, sp = _load(saved)
     ids = sp.encode("ab \u00e9 cd")  # é is not in the tiny vocabulary: two byte-fallback pieces 0xC3 0xA9

@@ -41,7 +41,15 @@ class OracleLM(UniformLM):
 
 
 class ByteTokenizer:
-    """Token i decodes to i % 3 + 1 bytes ('a', 'ab', 'abc')."""
+    """A 50-token vocabulary whose token i decodes to i % 3 + 1 bytes ('a', 'ab', 'abc'); no special tokens."""
+
+    all_special_ids: list[int] = []
+
+    def __len__(self) -> int:
+        return 50
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [f"tok{i}" for i in ids]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join("abc"[: i % 3 + 1] for i in ids)
