@@ -1,0 +1,44 @@
+"""Compiles a kernel file's Triton kernels to Hopper (sm_90) machine code without a GPU, for the kernel tests."""
+
+import json
+import os
+import subprocess
+import sys
+
+# Compiles the kernels to Hopper machine code without a GPU (Triton ships ptxas), in a subprocess because this
+# process runs Triton in the interpreter. Catches what the interpreter lets through (types, layouts, unsupported
+# ops in the GPU code path); it runs nothing.
+COMPILE_FOR_HOPPER = """
+import importlib.util, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+# Loaded as a lone file: the kernel files import only torch and triton, and this skips importing spikelm.
+spec = importlib.util.spec_from_file_location("kernels_under_test", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+kernels, sequence_pointers = json.loads(sys.argv[2]), set(json.loads(sys.argv[3]))
+for name, constexprs, floats in kernels:
+    fn = getattr(module, name)
+    signature = {}
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*bf16" if arg in sequence_pointers else "*fp32"
+        else:
+            signature[arg] = "fp32" if arg in floats else "i32"
+    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+    assert kernel.asm["cubin"], name
+"""
+
+
+def compile_for_hopper(module: str, kernels: list, sequence_pointers: list[str]) -> None:
+    """Compile ``(kernel name, constexprs, float scalar args)`` of ``kernels/<module>/fused_recurrent.py`` for sm_90,
+    with bf16 sequences."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", module,
+                        "fused_recurrent.py")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    command = [sys.executable, "-c", COMPILE_FOR_HOPPER, path, json.dumps(kernels), json.dumps(sequence_pointers)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
