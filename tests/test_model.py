@@ -16,14 +16,6 @@ IDS = [f"{t}-{n}" for t, n in COMBOS]
 VOCAB = 97
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny shapes on a shared 2-core machine: one thread avoids OpenMP oversubscription stalls (10-100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_model(time_mix="rwkv6", neuron="adaptive", seed=0, **overrides):
     torch.manual_seed(seed)

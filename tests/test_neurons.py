@@ -17,15 +17,6 @@ from spikelm.neurons import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny shapes on a shared 2-core machine: one thread avoids OpenMP oversubscription stalls (10-100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def reference_lif(x, tau, v_th, reset):
     """float32 loop of SpikeGPT's LIF: v += (x - v) / tau; spike when v >= v_th; hard or soft reset."""
     v = torch.zeros(x.shape[0], x.shape[2])

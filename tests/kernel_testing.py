@@ -1,9 +1,11 @@
-"""Compiles a kernel file's Triton kernels to Hopper (sm_90) machine code without a GPU, for the kernel tests."""
+"""Shared checks of the kernel tests: relative-RMS comparison and compiling Triton kernels for Hopper (sm_90)."""
 
 import json
 import os
 import subprocess
 import sys
+
+import torch
 
 # Compiles the kernels to Hopper machine code without a GPU (Triton ships ptxas), in a subprocess because this
 # process runs Triton in the interpreter. Catches what the interpreter lets through (types, layouts, unsupported
@@ -42,3 +44,18 @@ def compile_for_hopper(module: str, kernels: list, sequence_pointers: list[str])
     command = [sys.executable, "-c", COMPILE_FOR_HOPPER, path, json.dumps(kernels), json.dumps(sequence_pointers)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def relative_rms(got: torch.Tensor, want: torch.Tensor) -> float:
+    """RMS of the error relative to the RMS of the reference (fla's tolerance measure), in float64."""
+    got, want = got.double(), want.double()
+    return ((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-6)).item()
+
+
+def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, tolerance: float) -> None:
+    """Same shape, no NaN on either side, relative RMS error within ``tolerance``."""
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert not torch.isnan(got).any(), f"{name}: NaN in the result under test"
+    assert not torch.isnan(want).any(), f"{name}: NaN in the reference"
+    error = relative_rms(got, want)
+    assert error <= tolerance, f"{name}: relative RMS error {error:.3g} > {tolerance:.3g}"
