@@ -132,3 +132,20 @@ def test_set_may_not_choose_the_neuron(tmp_path, capsys):
     code = frontier.main(["--out", str(tmp_path), "--points", "none", "--set", "model.neuron=lif"])
     assert code == 2
     assert "the points choose model.neuron" in capsys.readouterr().err
+
+
+def test_an_edited_recipe_does_not_change_later_points(sweep, capsys):
+    """Points train from the copy of the recipe taken when the sweep started, whatever happens to the file later."""
+    out, argv = sweep
+    recipe = Path(argv[argv.index("--recipe") + 1])
+    assert (out / "sweep-recipe.yaml").read_text() == recipe.read_text()
+    edited = yaml.safe_load(recipe.read_text())
+    edited["optim"]["warmup_steps"] = 1
+    recipe.write_text(yaml.safe_dump(edited))
+    points = argv.index("--points") + 1
+    assert frontier.main([*argv[:points], "none,adaptive-k3,adaptive-k1", *argv[points + 1:]]) == 0
+    assert "changed since this sweep started" in capsys.readouterr().out
+    trained = yaml.safe_load((out / "adaptive-k1" / "recipe.yaml").read_text())
+    assert trained["optim"]["warmup_steps"] == 2 and trained["model"]["adaptive_k"] == 1.0
+    rows = json.loads((out / "frontier.json").read_text())["points"]
+    assert [row["point"] for row in rows] == ["none", "adaptive-k3", "adaptive-k1"]

@@ -11,9 +11,9 @@ Each point is trained, evaluated and measured through the same code paths as ``s
 / ``spikelm sparsity`` (their CLI entry points, in this process or with ``--isolate`` in a fresh process per step),
 in its own run directory ``<out>/<point>/``:
 
-- ``spikelm train RECIPE --set model.neuron=... [--set model.adaptive_k=K] [your --set ...] --out <out>/<point>``;
-  a half-finished run resumes from its latest checkpoint, because ``spikelm train`` does that in a run directory
-  that has checkpoints; ``train-done.json`` marks a finished training.
+- ``spikelm train <out>/sweep-recipe.yaml --set model.neuron=... [--set model.adaptive_k=K] [your --set ...]
+  --out <out>/<point>``; a half-finished run resumes from its latest checkpoint (``spikelm train`` does that in a
+  run directory that has checkpoints); ``train-done.json`` marks a finished training.
 - ``spikelm eval <point>/export --recipe <point>/recipe.yaml --tokens N --json <point>/eval.json``: held-out
   loss, perplexity and bits per byte (the recipe written by the run, so every ``--set`` applies).
 - ``spikelm sparsity <point>/export --recipe <point>/recipe.yaml --tokens N --json <point>/sparsity.json``:
@@ -22,10 +22,11 @@ in its own run directory ``<out>/<point>/``:
   run or written again; the table is rebuilt from every ``point.json`` under ``<out>``.
 
 Outputs under ``<out>``: ``frontier.csv``, ``frontier.json`` (settings, machine and rows), ``frontier.md`` (the
-table in Markdown) and ``frontier.png``
-(x = activation sparsity, y = held-out bits per byte relative to the dense twin). ``frontier-settings.json`` pins
+table in Markdown) and ``frontier.png`` (x = activation sparsity, y = held-out bits per byte relative to the dense
+twin). ``frontier-settings.json`` pins
 the recipe, overrides and token budget of the sweep: a later call with different ones is refused, so every row of
-one table is comparable.
+one table is comparable. Every point trains from ``sweep-recipe.yaml``, the copy of the recipe taken when the sweep
+started, so an edit of the recipe file during a long sweep cannot change the schedule of later points.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = REPO / "recipes" / "shakespeare-tiny.yaml"
 DENSE_POINT = "none"
+SWEEP_RECIPE = "sweep-recipe.yaml"
 # Run order = priority: if a sweep is cut short, the dense twin and the default neuron are done first. The k values
 # bracket the 70% sparsity goal: a token's channel is zero when |x| < V_th / 2 = mean|x| / (2k), so for roughly
 # Gaussian inputs k = 3 (the default) leaves ~10% zeros at a site and k <= 0.5 is needed for >= 60%.
@@ -193,18 +195,34 @@ def _settings(recipe: Path, overrides: list[str], tokens: int) -> dict[str, Any]
     }
 
 
-def check_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Pin the sweep's settings in ``<out>/frontier-settings.json`` on first use; refuse different ones later."""
-    path = out / "frontier-settings.json"
+def pin_sweep(out: Path, recipe: Path, settings: dict[str, Any], log: Any = print) -> Path:
+    """Pin the sweep on first use: ``<out>/frontier-settings.json`` and a copy of the recipe,
+    ``<out>/sweep-recipe.yaml``, which every point trains from. Later calls must pass the same settings; a recipe
+    file edited since then is ignored (with a note) so that every point keeps the same data, seed and schedule.
+    Returns the pinned recipe."""
+    path, snapshot = out / "frontier-settings.json", out / SWEEP_RECIPE
     if not path.exists():
+        if recipe != snapshot.resolve():
+            write_text_atomically(snapshot, recipe.read_text(encoding="utf-8"))
         write_json_atomically(path, settings)
-        return
+        return snapshot
     pinned = read_json(path)
-    differing = [key for key in settings if pinned.get(key) != settings[key]]
+    differing = [key for key in ("recipe", "set", "tokens") if pinned.get(key) != settings[key]]
     if differing:
         details = "; ".join(f"{key}: sweep has {pinned.get(key)!r}, now {settings[key]!r}" for key in differing)
         raise FrontierError(f"{out} holds a sweep with other settings ({details}). Its points would not be "
                             "comparable with new ones: pass another --out, or the same settings to resume it")
+    if not snapshot.is_file():  # a sweep pinned before the recipe was copied: only the unchanged recipe will do
+        if pinned.get("recipe_sha256") != settings["recipe_sha256"]:
+            raise FrontierError(f"{recipe} changed since the sweep in {out} started and the sweep has no copy of "
+                                "the original; pass another --out")
+        write_text_atomically(snapshot, recipe.read_text(encoding="utf-8"))
+    elif hashlib.sha256(snapshot.read_bytes()).hexdigest() != pinned.get("recipe_sha256"):
+        raise FrontierError(f"{snapshot} was edited after the sweep started; restore it or pass another --out")
+    if pinned.get("recipe_sha256") != settings["recipe_sha256"]:
+        log(f"[frontier] note: {recipe} changed since this sweep started; its points keep training from the "
+            f"pinned copy {snapshot}")
+    return snapshot
 
 
 def run_point(point: Point, args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
@@ -220,7 +238,7 @@ def run_point(point: Point, args: argparse.Namespace, log: Any = print) -> dict[
     train_done = run_dir / "train-done.json"
     if not train_done.exists():
         sets = [*point.overrides, *args.overrides]
-        argv = ["train", str(args.recipe), "--out", str(run_dir)]
+        argv = ["train", str(args.pinned_recipe), "--out", str(run_dir)]
         for text in sets:
             argv += ["--set", text]
         if args.cache_dir is not None:
@@ -432,13 +450,14 @@ def main(argv: list[str] | None = None) -> int:
         args.recipe = args.recipe.resolve()
         args.out.mkdir(parents=True, exist_ok=True)
         settings = _settings(args.recipe, args.overrides, args.tokens)
-        check_settings(args.out, settings)
+        say = lambda message: print(message, flush=True)  # noqa: E731
+        args.pinned_recipe = pin_sweep(args.out, args.recipe, settings, log=say)
         _environment()
         # Captured once, before training: other engineers may commit while a long sweep runs.
         machine = machine_info()
         for index, point in enumerate(points, 1):
             print(f"[frontier] point {index}/{len(points)}: {point.name}", flush=True)
-            run_point(point, args, log=lambda message: print(message, flush=True))
+            run_point(point, args, log=say)
             # Rebuilt after every point so a cut-short sweep still leaves a table of what finished.
             rows = collect_rows(args.out, [p.name for p in points])
             write_table(args.out, rows, settings, machine)
