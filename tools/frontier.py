@@ -336,10 +336,18 @@ def write_table(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any],
     write_text_atomically(out / "frontier.md", markdown_table(rows))
 
 
+def _label(row: dict[str, Any]) -> str:
+    return f"k={row['adaptive_k']:g}" if row["neuron"] == "adaptive" else row["point"]
+
+
 def plot_frontier(rows: list[dict[str, Any]], path: Path, *, goal_sparsity: float = 0.70,
-                  goal_bpb: float = 0.03) -> None:
+                  goal_bpb: float = 0.03, y_cap: float = 20.0) -> None:
     """x = activation sparsity (whole-model zero fraction), y = bits per byte relative to the dense twin (absolute
-    bits per byte without a dense twin); the goal region is shaded. Right panel: energy ratio vs the same y."""
+    bits per byte without a dense twin); the goal region is shaded. Right panel: energy ratio vs the same y.
+
+    Relative y above ``y_cap`` percent is drawn at the cap as a triangle labelled with its value, so one far-off
+    point does not flatten the region where the comparison happens.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -347,15 +355,22 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path, *, goal_sparsity: floa
 
     relative = all(row.get("bpb_vs_dense") is not None for row in rows)
     ys = [100.0 * row["bpb_vs_dense"] if relative else row["bits_per_byte"] for row in rows]
+    capped = [relative and y > y_cap for y in ys]
     ylabel = "held-out bits per byte vs dense twin (%)" if relative else "held-out bits per byte"
-    fig, (ax, ax_energy) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (ax, ax_energy) = plt.subplots(1, 2, figsize=(12, 5))
     colours = {"none": "black", "adaptive": "tab:blue", "lif": "tab:orange", "gated": "tab:green"}
     for axis, xs, xlabel in ((ax, [100.0 * row["zero_fraction"] for row in rows], "activation sparsity (% zeros)"),
                              (ax_energy, [row["energy_ratio"] for row in rows], "energy ratio vs dense twin")):
-        for row, x, y in zip(rows, xs, ys, strict=True):
-            axis.scatter([x], [y], color=colours.get(row["neuron"], "grey"), zorder=3)
-            axis.annotate(row["point"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        adaptive = sorted((x, y) for row, x, y in zip(rows, xs, ys, strict=True) if row["neuron"] == "adaptive")
+        # alternate label offsets along x so neighbouring points do not print over each other
+        order = sorted(range(len(rows)), key=lambda i: xs[i])
+        for rank, i in enumerate(order):
+            row, x, y = rows[i], xs[i], min(ys[i], y_cap) if capped[i] else ys[i]
+            axis.scatter([x], [y], color=colours.get(row["neuron"], "grey"), marker="^" if capped[i] else "o",
+                         zorder=3)
+            label = f"{_label(row)} ({ys[i]:+.0f}%)" if capped[i] else _label(row)
+            axis.annotate(label, (x, y), textcoords="offset points", xytext=(4, 5 if rank % 2 == 0 else -11),
+                          fontsize=8)
+        adaptive = sorted((xs[i], ys[i]) for i in range(len(rows)) if rows[i]["neuron"] == "adaptive" and not capped[i])
         if len(adaptive) > 1:
             axis.plot(*zip(*adaptive, strict=True), color=colours["adaptive"], alpha=0.4, zorder=2)
         axis.set_xlabel(xlabel)
@@ -364,6 +379,8 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path, *, goal_sparsity: floa
         if relative:
             axis.axhline(0.0, color="black", lw=0.8)
             axis.axhline(100.0 * goal_bpb, color="tab:red", lw=0.8, ls="--")
+            if any(capped):
+                axis.set_ylim(top=y_cap + 1.5)
     ax.set_xlim(left=min(-2.0, ax.get_xlim()[0]), right=100.0)
     if relative:
         # The goal region: at least goal_sparsity zeros and at most goal_bpb worse than the dense twin.
@@ -372,8 +389,9 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path, *, goal_sparsity: floa
                         zorder=1, label="goal")
         ax.set_ylim(bottom, top)
         ax.axvline(100.0 * goal_sparsity, color="tab:red", lw=0.8, ls="--")
-        ax.set_title(f"goal: sparsity >= {goal_sparsity:.0%}, bits/byte within {goal_bpb:.0%} of the dense twin",
-                     fontsize=9)
+        ax.set_title(f"goal (shaded): sparsity >= {goal_sparsity:.0%}, bits/byte within {goal_bpb:.0%} of the dense "
+                     "twin", fontsize=9)
+        ax_energy.set_title("blue: adaptive neuron, k = threshold divisor; black: dense twin", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
