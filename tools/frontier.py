@@ -156,6 +156,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": cpu_model,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "git_commit": commit,
         "git_dirty": dirty,
