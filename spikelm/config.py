@@ -86,8 +86,10 @@ class SpikeLMConfig(PretrainedConfig):
     lif_threshold: float = 1.0
     lif_reset: str = "hard"
     lif_alpha: float = 2.0
-    gated_bits: int = 2
-    gated_threshold: float = 0.25
+    # 3 bits and a unit step: with 2 bits x 0.25 the output saturated at +-0.75 on unit-scale inputs, the error-keeping
+    # accumulator wound up, and the straight-through gradient stopped matching the output (training stalled).
+    gated_bits: int = 3
+    gated_threshold: float = 1.0
     gated_forget_init: float = 0.5
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2

@@ -167,7 +167,7 @@ def test_identity_neuron_observers_see_the_dense_input():
 
 @pytest.mark.parametrize(("kind", "cls", "max_count", "stateful"), [
     ("adaptive", AdaptiveNeuron, 8, False), ("lif", LIFNeuron, 1, True),
-    ("gated", GatedNeuron, 3, True), ("none", IdentityNeuron, None, False),
+    ("gated", GatedNeuron, 7, True), ("none", IdentityNeuron, None, False),
 ])
 def test_build_neuron_kinds(kind, cls, max_count, stateful):
     config = SpikeLMConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, head_size=8, neuron=kind)
