@@ -116,6 +116,20 @@ def test_other_settings_for_the_same_sweep_are_refused(sweep, capsys):
     assert _snapshot(out) == before
 
 
+def test_combine_summarises_sweeps_without_training(sweep, capsys):
+    out, _ = sweep
+    before = _snapshot(out)
+    assert frontier.main(["--combine", str(out), str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = json.loads((out / "frontier.json").read_text())["points"]
+    spiking = next(row for row in table if row["point"] == "adaptive-k3")
+    cells = next(line for line in lines if line.startswith("| adaptive-k3 ")).split("|")
+    rel = f"{100 * spiking['bpb_vs_dense']:+.2f}"
+    assert cells[2].strip() == "2" and cells[3].strip() == f"{rel} ({rel} .. {rel})"
+    assert lines[2].startswith("| none ")
+    assert _snapshot(out) == before
+
+
 @pytest.mark.parametrize("text", ["adaptive", "adaptive-k0", "adaptive-kx", "relu", "none,none", ""])
 def test_bad_points_are_refused(text):
     with pytest.raises(frontier.FrontierError, match="points"):

@@ -422,6 +422,38 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _point_order(name: str) -> tuple[int, float]:
+    """Dense twin, then the adaptive neuron by k, then the other neurons."""
+    point = parse_point(name)
+    rank = {"none": 0, "adaptive": 1, "lif": 2, "gated": 3}[point.neuron]
+    return rank, point.adaptive_k or 0.0
+
+
+def combine_sweeps(dirs: list[Path]) -> str:
+    """A Markdown table over finished sweeps of the same points (e.g. one per seed): per point, the mean and the
+    range of bits per byte vs the dense twin of its own sweep, of the zero fraction and of the energy ratio."""
+    tables = [collect_rows(directory, []) for directory in dirs]
+    if not any(tables):
+        raise FrontierError(f"no finished points under {', '.join(map(str, dirs))}")
+    names = sorted({row["point"] for table in tables for row in table}, key=_point_order)
+
+    def stats(values: list[float], scale: float, spec: str) -> str:
+        mean = sum(values) / len(values)
+        text = format(scale * mean, spec)
+        return text if len(values) == 1 else f"{text} ({format(scale * min(values), spec)} .. " \
+                                             f"{format(scale * max(values), spec)})"
+
+    lines = ["| point | sweeps | bits/byte vs dense twin, % | zeros, % | energy ratio |",
+             "|---|---:|---:|---:|---:|"]
+    for name in names:
+        rows = [row for table in tables for row in table if row["point"] == name]
+        rel = [row["bpb_vs_dense"] for row in rows if row.get("bpb_vs_dense") is not None]
+        lines.append(f"| {name} | {len(rows)} | {stats(rel, 100.0, '+.2f') if rel else '-'} "
+                     f"| {stats([row['zero_fraction'] for row in rows], 100.0, '.1f')} "
+                     f"| {stats([row['energy_ratio'] for row in rows], 1.0, '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """A short aligned table for the terminal."""
     def fmt(value: Any, spec: str) -> str:
@@ -451,12 +483,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=int, default=16384, help="held-out tokens for eval and sparsity")
     parser.add_argument("--cache-dir", type=Path, default=None, help="tokenizer/data cache of spikelm train")
     parser.add_argument("--isolate", action="store_true", help="run each spikelm step in a fresh Python process")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None, metavar="OUT",
+                        help="train nothing: print a Markdown table of mean and range per point over these finished "
+                        "sweeps (e.g. one per seed)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.combine is not None:
+            print(combine_sweeps(args.combine), end="")
+            return 0
         points = parse_points(args.points)
         if args.tokens < 1:
             raise FrontierError(f"--tokens {args.tokens}: must be a positive number of held-out tokens")
