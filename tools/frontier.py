@@ -510,8 +510,10 @@ def main(argv: list[str] | None = None) -> int:
         say = lambda message: print(message, flush=True)  # noqa: E731
         args.pinned_recipe = pin_sweep(args.out, args.recipe, settings, log=say)
         _environment()
-        # Captured once, before training: other engineers may commit while a long sweep runs.
-        machine = machine_info()
+        # Captured once, when the sweep starts (later calls keep it): the commit and machine that trained it, not
+        # those of a call that only redraws the table; other engineers may commit while a long sweep runs.
+        table = args.out / "frontier.json"
+        machine = read_json(table)["machine"] if table.is_file() else machine_info()
         for index, point in enumerate(points, 1):
             print(f"[frontier] point {index}/{len(points)}: {point.name}", flush=True)
             run_point(point, args, log=say)
