@@ -342,7 +342,7 @@ def _label(row: dict[str, Any]) -> str:
 
 
 def plot_frontier(rows: list[dict[str, Any]], path: Path, *, goal_sparsity: float = 0.70,
-                  goal_bpb: float = 0.03, y_cap: float = 20.0) -> None:
+                  goal_bpb: float = 0.03, y_cap: float = 25.0) -> None:
     """x = activation sparsity (whole-model zero fraction), y = bits per byte relative to the dense twin (absolute
     bits per byte without a dense twin); the goal region is shaded. Right panel: energy ratio vs the same y.
 
