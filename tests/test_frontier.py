@@ -127,7 +127,24 @@ def test_combine_summarises_sweeps_without_training(sweep, capsys):
     rel = f"{100 * spiking['bpb_vs_dense']:+.2f}"
     assert cells[2].strip() == "2" and cells[3].strip() == f"{rel} ({rel} .. {rel})"
     assert lines[2].startswith("| none ")
+    assert not any(line.startswith("Note:") for line in lines)
     assert _snapshot(out) == before
+
+
+def test_combine_names_points_whose_neuron_config_differs(sweep, tmp_path, capsys):
+    """A code default that changes between two sweeps is caught from the exported configs."""
+    import shutil
+
+    out, _ = sweep
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    config_path = other / "adaptive-k3" / "export" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["max_spikes"] = 4
+    config_path.write_text(json.dumps(config))
+    assert frontier.main(["--combine", str(out), str(other)]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Note:")]
+    assert len(notes) == 1 and "adaptive-k3" in notes[0] and "max_spikes 8 / 4" in notes[0]
 
 
 @pytest.mark.parametrize("text", ["adaptive", "adaptive-k0", "adaptive-kx", "relu", "none,none", ""])

@@ -429,9 +429,26 @@ def _point_order(name: str) -> tuple[int, float]:
     return rank, point.adaptive_k or 0.0
 
 
+# Config fields that change what each kind of neuron computes; a recipe copy does not pin them when a code default
+# changes between sweeps.
+NEURON_FIELDS = {
+    "none": ("neuron",),
+    "adaptive": ("neuron", "adaptive_k", "max_spikes", "spike_lm_head"),
+    "lif": ("neuron", "lif_tau", "lif_threshold", "lif_reset", "lif_alpha", "spike_lm_head"),
+    "gated": ("neuron", "gated_bits", "gated_threshold", "gated_forget_init", "spike_lm_head"),
+}
+
+
+def neuron_config(run_dir: Path) -> dict[str, Any]:
+    """The fields of the neuron a point exported (what it really trained with, code defaults included)."""
+    config = read_json(run_dir / "export" / "config.json")
+    return {key: config.get(key) for key in NEURON_FIELDS[config["neuron"]]}
+
+
 def combine_sweeps(dirs: list[Path]) -> str:
     """A Markdown table over finished sweeps of the same points (e.g. one per seed): per point, the mean and the
-    range of bits per byte vs the dense twin of its own sweep, of the zero fraction and of the energy ratio."""
+    range of bits per byte vs the dense twin of its own sweep, of the zero fraction and of the energy ratio.
+    A note under the table names every point whose neuron config differs between the sweeps."""
     tables = [collect_rows(directory, []) for directory in dirs]
     if not any(tables):
         raise FrontierError(f"no finished points under {', '.join(map(str, dirs))}")
@@ -451,7 +468,15 @@ def combine_sweeps(dirs: list[Path]) -> str:
         lines.append(f"| {name} | {len(rows)} | {stats(rel, 100.0, '+.2f') if rel else '-'} "
                      f"| {stats([row['zero_fraction'] for row in rows], 100.0, '.1f')} "
                      f"| {stats([row['energy_ratio'] for row in rows], 1.0, '.3f')} |")
-    return "\n".join(lines) + "\n"
+    notes = []
+    for name in names:
+        configs = [neuron_config(d / name) for d in dirs if (d / name / "point.json").is_file()]
+        differing = [key for key in configs[0] if len({json.dumps(c.get(key)) for c in configs}) > 1]
+        if differing:
+            values = ", ".join(f"{key} {' / '.join(str(c.get(key)) for c in configs)}" for key in differing)
+            notes.append(f"\nNote: the {name} points were not trained with the same neuron config ({values}, "
+                         "in the order of the sweeps); their mean mixes two models.")
+    return "\n".join(lines) + "\n" + "".join(note + "\n" for note in notes)
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
