@@ -192,7 +192,10 @@ def run(args: argparse.Namespace) -> int:
     batches = [torch.stack(full[i : i + args.batch_size]) for i in range(0, len(full), args.batch_size)]
     if blocks[-1].numel() != block_size + 1 and blocks[-1].numel() >= 2:
         batches.append(blocks[-1][None])
-    result = evaluate_lm(model, batches, tokenizer)
+    from tqdm.auto import tqdm
+
+    # disable=None: a progress bar on a terminal, none in logs and pipes (as `spikelm sparsity`)
+    result = evaluate_lm(model, tqdm(batches, unit="batch", desc="eval", disable=None), tokenizer)
     bpb = f"{result.bits_per_byte:.4f}" if result.bits_per_byte is not None else "n/a"
     print(f"tokens {result.tokens}  loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  bits/byte {bpb}")
     if args.json is not None:
