@@ -54,5 +54,13 @@ class ChannelMix(_SpikingMix):
         new_state["shift"] = x[:, -1]
         return out, new_state
 
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        """One decoding step (see ``_SpikingMix``): ``x [B, C]`` and its state -> ``(out [B, C], new_state)``."""
+        new_state: State = {"shift": x}
+        mixed = torch.addcmul(x, state["shift"].to(x.dtype) - x, self.shift_mix.to(x.dtype).unsqueeze(1))  # (2, B, C)
+        k, r = self._sites_step(("key", "receptance"), mixed, state, new_state)
+        out = torch.sigmoid(r) * self._site_step("value", torch.relu(k).square(), state, new_state)
+        return out, new_state
+
 
 __all__ = ["ChannelMix"]

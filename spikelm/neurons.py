@@ -79,9 +79,13 @@ class SpikingNeuron(nn.Module):
         return f"site={self.site!r}, fan_out={self.fan_out}, max_count={self.max_count}"
 
 
-def _adaptive_quantize(x: Tensor, threshold: Tensor, max_spikes: int) -> tuple[Tensor, Tensor]:
+def _spike_counts(x: Tensor, threshold: Tensor, max_spikes: int) -> Tensor:
     # In place after the division: two fewer [B, T, C] temporaries on the hot path.
-    counts = torch.div(x, threshold).round_().clamp_(-max_spikes, max_spikes)
+    return torch.div(x, threshold).round_().clamp_(-max_spikes, max_spikes)
+
+
+def _adaptive_quantize(x: Tensor, threshold: Tensor, max_spikes: int) -> tuple[Tensor, Tensor]:
+    counts = _spike_counts(x, threshold, max_spikes)
     return threshold * counts, counts
 
 
@@ -123,14 +127,16 @@ class AdaptiveNeuron(SpikingNeuron):
 
     def forward(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> tuple[Tensor, None]:
         x32 = _masked(x.float(), mask)
+        training = torch.is_grad_enabled() and x32.requires_grad
         # mean(|x|) / k as one fused L1 reduction, scaled and clamped in place on the small [B, T, 1] result. No
         # gradient flows through V_th (see _AdaptiveQuantize), so autograd need not record it.
-        threshold = torch.linalg.vector_norm(x32.detach(), 1, dim=-1, keepdim=True)  # [B, T, 1]
+        threshold = torch.linalg.vector_norm(x32.detach() if training else x32, 1, dim=-1, keepdim=True)  # [B, T, 1]
         threshold = threshold.mul_(1.0 / (x.shape[-1] * self.k)).clamp_(min=self.eps / self.k)
-        if torch.is_grad_enabled() and x32.requires_grad:
+        if training:
             y, counts = _AdaptiveQuantize.apply(x32, threshold, self.max_spikes)
-        else:  # inference: skip the autograd.Function call (a measurable share of a decoding step)
-            y, counts = _adaptive_quantize(x32, threshold, self.max_spikes)
+        else:  # inference: no autograd.Function call, and V_th * counts in place unless observers need the counts
+            counts = _spike_counts(x32, threshold, self.max_spikes)
+            y = counts * threshold if self.observers else counts.mul_(threshold)
         if self.observers:
             self._notify(counts, mask)
         return y.to(x.dtype), None

@@ -47,10 +47,11 @@ def wkv6_step(r: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, bonus: Tensor,
               state: Tensor) -> tuple[Tensor, Tensor]:
     """One token of ``rwkv6_scan`` (the same math as its naive loop, without the loop): r, k, v, log_decay
     ``[B, H, K]``, bonus ``[H, K]``, state ``[B, H, K, V]`` fp32 -> ``(o [B, H, V] fp32, new state)``."""
-    r, k, v = r.float(), k.float(), v.float()
-    kv = k.unsqueeze(-1) * v.unsqueeze(-2)  # (B, H, K, V)
-    out = (r.unsqueeze(-2) @ torch.addcmul(state, bonus.unsqueeze(-1), kv)).squeeze(-2)  # (B, H, V)
-    return out, torch.addcmul(kv, log_decay.float().exp().unsqueeze(-1), state)
+    B, H, K = r.shape
+    kv = k.float().unsqueeze(-1) * v.float().unsqueeze(-2)  # (B, H, K, V)
+    # r^T (S + u k v^T) per head as one batched [1, K] x [K, V] product (fewer ops than a 4-D matmul).
+    out = torch.bmm(r.float().reshape(B * H, 1, K), torch.addcmul(state, bonus.unsqueeze(-1), kv).view(B * H, K, -1))
+    return out.view(B, H, -1), torch.addcmul(kv, log_decay.float().exp().unsqueeze(-1), state)
 
 
 class _SpikingMix(nn.Module):
@@ -75,11 +76,10 @@ class _SpikingMix(nn.Module):
         stack replaces S calls (identical results: the rule is per token); decoding is dominated by such small ops.
         """
         sites = [getattr(self, name) for name in names]
-        first = sites[0].neuron
-        if all(first.fires_like(site.neuron) and not site.neuron.observers for site in sites):
+        if _fire_together(sites):
             S, B, T, C = stacked.shape
             stacked_mask = None if mask is None else mask.repeat(S, 1)
-            spikes, _ = first(stacked.reshape(S * B, T, C), None, stacked_mask)
+            spikes, _ = sites[0].neuron(stacked.reshape(S * B, T, C), None, stacked_mask)
             spikes = spikes.view(S, B, T, C)  # (S, B, T, C)
             return [site.linear(spikes[i]) for i, site in enumerate(sites)]
         return [self._site(name, stacked[i], state, new_state, mask) for i, name in enumerate(names)]
@@ -89,6 +89,34 @@ class _SpikingMix(nn.Module):
         if neuron_state is not None:
             new_state[name] = neuron_state
         return out
+
+    # The one-token decoding step (``step`` of each mix): the math of ``forward`` at T = 1 on ``[B, C]`` tensors,
+    # calling submodules' ``forward`` directly. Module calls and attribute lookups are most of a small model's
+    # decoding time on CPU; SpikeLMModel takes this path only when no submodule has hooks or was replaced (e.g. by
+    # a LoRA layer), where calling ``forward`` directly is exactly what ``__call__`` would do.
+
+    def _sites_step(self, names: tuple[str, ...], stacked: Tensor, state: State, new_state: State) -> list[Tensor]:
+        """``_sites`` for one token: stacked inputs ``[S, B, C]`` -> S outputs ``[B, out]``."""
+        sites = [getattr(self, name) for name in names]
+        first = sites[0].neuron
+        if all(first.fires_like(site.neuron) for site in sites[1:]):  # nobody observes them on this path
+            spikes, _ = first.forward(stacked)  # a stateless per-token rule: any leading shape
+            return [site.linear.forward(spikes[i]) for i, site in enumerate(sites)]
+        return [self._site_step(name, stacked[i], state, new_state) for i, name in enumerate(names)]
+
+    def _site_step(self, name: str, x: Tensor, state: State, new_state: State) -> Tensor:
+        """``_site`` for one token ``x [B, C]``: the neuron sees ``[B, 1, C]`` (its scan, its observers)."""
+        site = getattr(self, name)
+        spikes, neuron_state = site.neuron.forward(x.unsqueeze(1), state.get(name))
+        if neuron_state is not None:
+            new_state[name] = neuron_state
+        return site.linear.forward(spikes.squeeze(1))
+
+
+def _fire_together(sites: list[nn.Module]) -> bool:
+    """Whether one neuron call on the sites' stacked inputs gives exactly what each site's own call gives."""
+    first = sites[0].neuron
+    return all(first.fires_like(site.neuron) and not site.neuron.observers for site in sites)
 
 
 class RWKV6TimeMix(_SpikingMix):
@@ -178,6 +206,19 @@ class RWKV6TimeMix(_SpikingMix):
         new_state["wkv"] = wkv_state
         return out, new_state
 
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        """One decoding step (see ``_SpikingMix``): ``x [B, C]`` and its state -> ``(out [B, C], new_state)``."""
+        B, C = x.shape
+        H, K = self.num_heads, self.head_size
+        new_state: State = {"shift": x}
+        mixed = torch.addcmul(x, state["shift"].to(x.dtype) - x, self.shift_mix.to(x.dtype).unsqueeze(1))  # (5, B, C)
+        r, k, v, g, decay_in = self._sites_step(self.MIXES, mixed, state, new_state)
+        log_decay = -torch.exp(self.time_decay.float() + self.decay_up.forward(torch.tanh(decay_in)).float())
+        wkv, new_state["wkv"] = wkv6_step(r.view(B, H, K), k.view(B, H, K), v.view(B, H, K),
+                                          log_decay.view(B, H, K), self.bonus.float(), state["wkv"])
+        out = self.group_norm.forward(wkv.view(B, C).to(x.dtype)) * F.silu(g)
+        return self._site_step("output", out, state, new_state), new_state
+
 
 class RWKV4TimeMix(_SpikingMix):
     """RWKV-4 / SpikeGPT time mix: per-channel vector WKV, sigmoid receptance, spiking inputs to every projection.
@@ -239,6 +280,17 @@ class RWKV4TimeMix(_SpikingMix):
         new_state["shift"] = x[:, -1]
         new_state["wkv"] = wkv_state
         return out, new_state
+
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        """One decoding step (see ``_SpikingMix``): ``x [B, C]`` and its state -> ``(out [B, C], new_state)``."""
+        new_state: State = {"shift": x}
+        mixed = torch.addcmul(x, state["shift"].to(x.dtype) - x, self.shift_mix.to(x.dtype).unsqueeze(1))  # (3, B, C)
+        k, v, r = self._sites_step(self.MIXES, mixed, state, new_state)
+        wkv, new_state["wkv"] = rwkv4_scan(-torch.exp(self.time_decay.float()), self.time_first.float(),
+                                           k.float().unsqueeze(1), v.float().unsqueeze(1), state["wkv"],
+                                           backend="naive")  # one token: the loop is a single step
+        r = torch.sigmoid(r)
+        return self._site_step("output", r * wkv.squeeze(1).to(r.dtype), state, new_state), new_state
 
 
 def build_time_mix(config: SpikeLMConfig, layer_id: int) -> RWKV6TimeMix | RWKV4TimeMix:

@@ -242,3 +242,79 @@ def test_bad_input_raises_clear_errors():
 def test_bad_config_raises_clear_errors(field, overrides):
     with pytest.raises(ValueError, match=field):
         SpikeLMConfig(vocab_size=VOCAB, **overrides)
+
+
+def _flat_states(cache):
+    """Every state tensor of a cache, in a fixed order."""
+    out = []
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif isinstance(value, dict):
+            for key in sorted(value):
+                walk(value[key])
+        elif isinstance(value, tuple | list):
+            for item in value:
+                walk(item)
+
+    walk(cache.layers)
+    walk(cache.head_state)
+    return out
+
+
+@pytest.mark.parametrize(("time_mix", "neuron"), COMBOS, ids=IDS)
+def test_decoding_step_equals_module_path(time_mix, neuron):
+    # One-token calls take SpikeLMModel's decoding step (submodules' forward called directly); a no-op forward hook
+    # anywhere forces the ordinary module path. Both must give the same logits and states, token after token.
+    model = tiny_model(time_mix, neuron, spike_lm_head=True)
+    ids = torch.randint(0, VOCAB, (3, 9), generator=torch.Generator().manual_seed(2))
+    results = []
+    with torch.no_grad():
+        for hooked in (False, True):
+            handle = model.model.layers[1].channel_mix.register_forward_hook(lambda *args: None) if hooked else None
+            cache = model(ids[:, :3], use_cache=True).past_key_values
+            steps = [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(3, 9)]
+            assert model.model._can_step(model.model.embeddings(ids[:, :1]), None, cache) is not hooked
+            results.append((torch.cat(steps, dim=1), _flat_states(cache)))
+            if handle is not None:
+                handle.remove()
+    (fast, fast_states), (slow, slow_states) = results
+    torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
+    assert len(fast_states) == len(slow_states)
+    for a, b in zip(fast_states, slow_states, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_decoding_step_honours_hooks_and_replaced_layers():
+    model = tiny_model()
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(3))
+    calls = []
+    model.model.layers[0].time_mix.key.linear.register_forward_hook(lambda *args: calls.append(1))
+
+    class DoubledLinear(torch.nn.Linear):  # stands in for a LoRA / quantised layer swapped in by a library
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    old = model.model.layers[1].channel_mix.value.linear
+    new = DoubledLinear(old.in_features, old.out_features, bias=False)
+    new.weight.data.copy_(old.weight)
+    model.model.layers[1].channel_mix.value.linear = new
+    with torch.no_grad():
+        full = model(ids).logits
+        calls.clear()
+        stepped, _ = run_in_chunks(model, ids, [1] * 8)
+    assert len(calls) == 8  # the hook fired on every one-token call
+    torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)  # and the replacement took effect in both
+
+
+def test_decoding_step_returns_hidden_states():
+    model = tiny_model()
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(ids, output_hidden_states=True).hidden_states
+        cache = model(ids[:, :4], use_cache=True).past_key_values
+        last = model(ids[:, 4:], past_key_values=cache, use_cache=True, output_hidden_states=True).hidden_states
+    assert len(last) == len(full) == model.config.num_hidden_layers + 1
+    for step_hidden, full_hidden in zip(last, full, strict=True):
+        torch.testing.assert_close(step_hidden, full_hidden[:, 4:], rtol=1e-5, atol=1e-5)
