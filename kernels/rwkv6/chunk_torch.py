@@ -6,10 +6,10 @@ state carried in from the previous chunks; across chunks the state is passed by 
 Numerical safety. With ``A_t = sum_{m <= t} w_m`` (cumulative log-decay inside the chunk) the decay between a key at
 ``s`` and a query at ``t > s`` is ``exp(A_{t-1} - A_s) <= 1``. The usual factorisation ``(r_t e^{A_{t-1}}) (k_s
 e^{-A_s})`` overflows as soon as ``-A_s > 88`` (a single token with ``w = -exp(5)`` does it), and ``0 * inf`` gives
-NaN. So the intra-chunk decay is formed pairwise as ``exp(sum_{s < m < t} w_m)``, with the exponent masked to
-``-inf`` for ``t <= s`` *before* the exponential, so nothing overflows; the inter-chunk terms only use exponents
-``sum_{m < t} w_m <= 0`` and ``sum_{m > s} w_m <= 0``, also safe. The pairwise tensor costs ``[C, C, K]`` per chunk,
-i.e. C times the size of k, which is why C is small (8).
+NaN. So the intra-chunk decay is formed pairwise as ``exp(sum_{s < m < t} w_m) <= 1`` (an empty sum, exp(0) = 1, for
+``t <= s``, where the causal mask later zeroes the product), so nothing overflows; the inter-chunk terms only use
+exponents ``sum_{m < t} w_m <= 0`` and ``sum_{m > s} w_m <= 0``, also safe. The pairwise tensor costs
+``[C, C, K]`` per chunk, i.e. C times the size of k, which is why C is small (8).
 
 Every such exponent is a masked sum of same-sign terms, taken as a product with a constant 0/1 matrix over the chunk
 axis (one batched matmul each), never as a difference of two cumulative sums: in float32 a difference loses ~1e-4
@@ -75,9 +75,9 @@ def chunk_rwkv6_torch(
 
     # Intra-chunk attention, strictly causal: att[t, s] = sum_i r_t[i] k_s[i] exp(sum_{s < m < t} w_m[i]), s < t.
     between = (after[:, None, :] & before[None, :, :]).float().view(C * C, C)  # (C_s * C_t, C_m): s < m < t
-    span = (between @ wc).view(B, H, N, C, C, K)  # (B, H, N, C_s, C_t, K) sum_{s < m < t} w_m
-    decay = torch.exp(span.masked_fill(~after[:, :, None], float("-inf")))  # masked before exp: 0 for t <= s
-    att = torch.einsum("bhnstk,bhnsk->bhnts", decay * rc[..., None, :, :], kc)  # (B, H, N, C_t, C_s)
+    span = (between @ wc).view(B, H, N, C, C, K)  # (B, H, N, C_s, C_t, K) sum_{s < m < t} w_m; 0 where t <= s
+    att = torch.einsum("bhnstk,bhnsk->bhnts", torch.exp(span) * rc[..., None, :, :], kc)  # (B, H, N, C_t, C_s)
+    att = att.masked_fill(~before, 0.0)  # causal: s < t (masking the K-times smaller product, not the decays)
     # Diagonal (current token) uses the bonus u instead of a decay.
     bonus = (rc * u32 * kc).sum(-1, keepdim=True)  # (B, H, N, C, 1)
     o = att @ vc + bonus * vc  # (B, H, N, C, V)
