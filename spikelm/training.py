@@ -495,29 +495,44 @@ def train(recipe: Recipe, run_dir: Path, *, resume: Path | None = None, no_resum
     if not recipe.checkpoint.every_steps or step % recipe.checkpoint.every_steps:
         save(step)
     if recipe.export.enabled:
-        export_dir = export(engine, tokenizer, run_dir, zero_stage=recipe.deepspeed.zero_stage, rank=rank)
+        export_dir = export(engine, tokenizer, run_dir, rank=rank)
         say(f"exported the model and tokenizer to {export_dir}")
     metrics.close()
     say(f"done: {step} steps, {tokens_seen / 1e6:.2f}M tokens, held-out loss {final_eval['loss']:.4f}")
     return 0
 
 
-def export(engine: Any, tokenizer: Any, run_dir: Path, *, zero_stage: int, rank: int) -> Path:
-    """Write ``run_dir/export`` (fp32 safetensors + tokenizer) atomically; collective under ZeRO-3."""
-    state_dict = None
-    if zero_stage == 3:
-        # Parameters are partitioned across ranks; gather a full copy (collective) for rank 0 to save.
-        state_dict = engine._zero3_consolidated_16bit_state_dict()
+def fp32_state_dict(engine: Any, *, rank: int) -> dict[str, torch.Tensor] | None:
+    """The model's full fp32 weights on rank 0 (``None`` elsewhere); collective under ZeRO and bf16.
+
+    Where DeepSpeed keeps fp32 master weights (bf16 training, ZeRO 1-3) these are the masters, gathered from their
+    partitions, not the bf16 copies the forward pass uses: exporting those would round every weight to 8 bits of
+    mantissa. Without a master copy (fp32, ZeRO 0) the parameter itself is the fp32 weight.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters: dict[int, torch.Tensor] = {}
+    state_dict: dict[str, torch.Tensor] = {}
+    # Every rank walks the same parameters in the same order: each gather is a collective. Tied names share one.
+    for name, param in engine.module.named_parameters(remove_duplicate=False):
+        if id(param) not in masters:
+            master = safe_get_full_fp32_param(param)
+            masters[id(param)] = (param.detach() if master is None else master).float().cpu()
+        state_dict[name] = masters[id(param)]
+    for name, buffer in engine.module.named_buffers():
+        state_dict[name] = buffer.detach().float().cpu()
+    return state_dict if rank == 0 else None
+
+
+def export(engine: Any, tokenizer: Any, run_dir: Path, *, rank: int) -> Path:
+    """Write ``run_dir/export`` (fp32 master weights as safetensors + tokenizer) atomically; collective."""
+    state_dict = fp32_state_dict(engine, rank=rank)
     final = run_dir / "export"
     if rank == 0:
         tmp = run_dir / ".export.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         module = engine.module
-        if state_dict is not None:
-            state_dict = {k: v.float() for k, v in state_dict.items()}
-        else:
-            state_dict = {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
         module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         # The weights are saved in fp32 even after bf16 training; say so, or Auto classes would load them as bf16.
@@ -535,5 +550,5 @@ def export(engine: Any, tokenizer: Any, run_dir: Path, *, zero_stage: int, rank:
     return final
 
 
-__all__ = ["add_arguments", "run", "train", "export", "unigram_entropy", "lm_loss", "param_groups", "TrainingDiverged",
-           "DEFAULT_RECIPE"]
+__all__ = ["add_arguments", "run", "train", "export", "fp32_state_dict", "unigram_entropy", "lm_loss", "param_groups",
+           "TrainingDiverged", "DEFAULT_RECIPE"]

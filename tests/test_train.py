@@ -190,4 +190,17 @@ def test_every_engine_option_trains_like_plain_data_parallel(tmp_path, corpus, c
     assert train_cli(write_tiny_recipe(tmp_path, corpus, train={"max_steps": 3}, **sections), out, cache) == 0
     tolerance = 5e-3 if sections.get("precision") == "bf16" else 1e-5
     assert [r["loss"] for r in read_metrics(out)] == pytest.approx(plain_curve, rel=tolerance)
-    assert (out / "export" / "model.safetensors").is_file()
+    # The export holds DeepSpeed's fp32 master weights (what its own zero_to_fp32 rebuilds from the last
+    # checkpoint), not the bf16 copies the forward pass used.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    exported = load_file(out / "export" / "model.safetensors")
+    step_dir = sorted((out / "checkpoints").glob("step-*"))[-1]
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="engine")
+    assert exported.keys() <= masters.keys()
+    for name, weight in exported.items():
+        assert weight.dtype == torch.float32, name
+        assert torch.equal(weight, masters[name].float()), name
+    if sections.get("precision") == "bf16":
+        assert any(not torch.equal(w, w.bfloat16().float()) for w in exported.values())  # fp32 precision kept
