@@ -224,6 +224,13 @@ def load_checkpoint(engine: Any, path: Path, *, rank: int, world_size: int,
     if universal:
         _ensure_universal(path, rank)
     tag = UNIVERSAL_TAG if universal else ENGINE_TAG
+    # DeepSpeed's ZeRO-3 universal loader (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3) copies the
+    # first param group's hyperparameters onto every group, so the no-decay group would get weight decay; the recipe
+    # defines them anyway, so the groups keep the values this engine was built with. It also gives every group's
+    # optimizer state the same "step" tensor, which torch's AdamW increments in place once per group: the step count
+    # would advance by the number of groups per step and skew Adam's bias correction. Each state gets its own copy.
+    hyperparameters = [{key: value for key, value in group.items() if key != "params"}
+                       for group in engine.optimizer.param_groups]
     try:
         load_path, _ = engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
@@ -232,6 +239,12 @@ def load_checkpoint(engine: Any, path: Path, *, rank: int, world_size: int,
                            f"{err}); it was written with world size {saved_world}, now {world_size}") from err
     if load_path is None:
         raise SpikeLMError(f"DeepSpeed found no engine state in {str(path / tag)!r}; the checkpoint is damaged")
+    for group, values in zip(engine.optimizer.param_groups, hyperparameters, strict=True):
+        group.update(values)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside a ZeRO wrapper
+    for state in inner.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
     return trainer_state, rank_state
 
 

@@ -1,5 +1,5 @@
-"""Two gloo processes (ZeRO-2, ZeRO-3) follow the one-process loss curve with the same global batch, and a checkpoint
-written by two processes resumes in one.
+"""Two gloo processes (ZeRO-2, ZeRO-3) follow the one-process loss curve with the same global batch, and their
+checkpoints resume in one process.
 
 ``spikelm train --nproc-per-node 2`` re-launches itself under torchrun; on CPU DeepSpeed talks over gloo.
 """
@@ -70,9 +70,12 @@ def test_zero2_two_processes_match_one_and_resume_in_one_process(tmp_path, corpu
 
 
 @pytest.mark.slow
-def test_zero3_two_processes_match_one(tmp_path, corpus, cache, reference):
+def test_zero3_two_processes_match_one_and_resume_in_one_process(tmp_path, corpus, cache, reference):
     out = tmp_path / "run"
-    assert _two_processes(_recipe(tmp_path, corpus, 3, MICRO), out, cache) == 0
+    assert _two_processes(_recipe(tmp_path / "two", corpus, 3, MICRO), out, cache, "--stop-at-step", "3") == 0
+    assert find_latest_checkpoint(out).name == "step-00000003"
+    # ZeRO-3 partitions the parameters too: one process rebuilds them through DeepSpeed's universal checkpoint.
+    assert train_cli(_recipe(tmp_path / "one", corpus, 3, 2 * MICRO), out, cache) == 0
     assert _curve(out) == pytest.approx(reference, rel=2e-4, abs=2e-4)
     # The ZeRO-3 export gathers the partitioned parameters into one full model.
     from transformers import AutoModelForCausalLM
