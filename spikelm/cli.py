@@ -15,7 +15,7 @@ from spikelm.errors import SpikeLMError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("spikelm.training", "pretrain a spiking LM from a YAML recipe (DeepSpeed)"),
     "generate": ("spikelm.generation", "stream text from a saved model directory"),
-    "sparsity": ("spikelm.sparsity", "measure spike statistics, synaptic operations and energy"),
+    "sparsity": ("spikelm.sparsity_cli", "measure spike statistics, synaptic operations and energy"),
     "eval": ("spikelm.evaluation", "held-out loss, perplexity and bits per byte"),
 }
 
