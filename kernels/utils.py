@@ -32,3 +32,14 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
     if backend == "triton" and not triton_available():
         raise RuntimeError("backend='triton' needs a CUDA GPU or TRITON_INTERPRET=1 set before triton is imported")
     return backend
+
+
+def channel_launch_config(batch: int, channels: int) -> tuple[int, int]:
+    """``(BLOCK_C, num_warps)`` of the per-channel scans (lif, gated, rwkv4): only B*C runs in parallel, so the
+    channel block shrinks (down to one warp's 32 channels) until there are enough programs to fill a GPU (~4 per SM
+    on a 132-SM H100)."""
+    block_c = min(1 << max(channels - 1, 0).bit_length(), 128)  # next power of two, at most 128
+    while block_c > 32 and batch * -(-channels // block_c) < 512:
+        block_c //= 2
+    return block_c, max(1, block_c // 32)
+

@@ -11,14 +11,11 @@ import torch
 # process runs Triton in the interpreter. Catches what the interpreter lets through (types, layouts, unsupported
 # ops in the GPU code path); it runs nothing.
 COMPILE_FOR_HOPPER = """
-import importlib.util, json, sys
+import importlib, json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-# Loaded as a lone file: the kernel files import only torch and triton, and this skips importing spikelm.
-spec = importlib.util.spec_from_file_location("kernels_under_test", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
+module = importlib.import_module(sys.argv[1])
 kernels, sequence_pointers = json.loads(sys.argv[2]), set(json.loads(sys.argv[3]))
 for name, constexprs, floats in kernels:
     fn = getattr(module, name)
@@ -36,12 +33,11 @@ for name, constexprs, floats in kernels:
 
 
 def compile_for_hopper(module: str, kernels: list, sequence_pointers: list[str]) -> None:
-    """Compile ``(kernel name, constexprs, float scalar args)`` of ``kernels/<module>/fused_recurrent.py`` for sm_90,
-    with bf16 sequences."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", module,
-                        "fused_recurrent.py")
+    """Compile ``(kernel name, constexprs, float scalar args)`` of ``spikelm.kernels.<module>.fused_recurrent`` for
+    sm_90, with bf16 sequences."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    command = [sys.executable, "-c", COMPILE_FOR_HOPPER, path, json.dumps(kernels), json.dumps(sequence_pointers)]
+    command = [sys.executable, "-c", COMPILE_FOR_HOPPER, f"spikelm.kernels.{module}.fused_recurrent",
+               json.dumps(kernels), json.dumps(sequence_pointers)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 

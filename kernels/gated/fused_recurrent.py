@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils import channel_launch_config
+
 
 @triton.jit
 def _row(tile, row):
@@ -147,15 +149,6 @@ FWD_BLOCK_T = 16
 BWD_BLOCK_T = 16
 
 
-def _launch_config(batch: int, channels: int) -> tuple[int, int]:
-    """(BLOCK_C, num_warps). Only B*C runs in parallel, so the channel block shrinks (down to one warp's 32
-    channels) until there are enough programs to fill a GPU (~4 per SM on a 132-SM H100)."""
-    block_c = min(triton.next_power_of_2(channels), 128)
-    while block_c > 32 and batch * triton.cdiv(channels, block_c) < 512:
-        block_c //= 2
-    return block_c, max(1, block_c // 32)
-
-
 def gated_fwd(
     x: torch.Tensor, forget: torch.Tensor, threshold: torch.Tensor, i0: torch.Tensor, acc0: torch.Tensor, levels: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -163,7 +156,7 @@ def gated_fwd(
     batch, seq_len, channels = x.shape
     counts = torch.empty_like(x)
     i_final, acc_final = torch.empty_like(i0), torch.empty_like(acc0)
-    block_c, num_warps = _launch_config(batch, channels)
+    block_c, num_warps = channel_launch_config(batch, channels)
     block_t = FWD_BLOCK_T
     grid = (batch, triton.cdiv(channels, block_c))
     # enable_fp_fusion=False: no fused multiply-adds, so the fp32 arithmetic (and every count) matches torch.
@@ -186,7 +179,7 @@ def gated_bwd(
     batch, seq_len, channels = x.shape
     grad_x = torch.empty_like(x)
     grad_f, grad_i0 = torch.empty_like(i0), torch.empty_like(i0)
-    block_c, num_warps = _launch_config(batch, channels)
+    block_c, num_warps = channel_launch_config(batch, channels)
     block_t = BWD_BLOCK_T
     grid = (batch, triton.cdiv(channels, block_c))
     _gated_bwd_kernel[grid](

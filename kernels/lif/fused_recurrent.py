@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils import channel_launch_config
+
 
 @triton.jit
 def _reset(charged, spike, threshold, HARD_RESET: tl.constexpr):
@@ -159,15 +161,6 @@ FWD_BLOCK_T = 16
 BWD_BLOCK_T = 16
 
 
-def _launch_config(batch: int, channels: int) -> tuple[int, int]:
-    """(BLOCK_C, num_warps). Only B*C runs in parallel, so the channel block shrinks (down to one warp's 32
-    channels) until there are enough programs to fill a GPU (~4 per SM on a 132-SM H100)."""
-    block_c = min(triton.next_power_of_2(channels), 128)
-    while block_c > 32 and batch * triton.cdiv(channels, block_c) < 512:
-        block_c //= 2
-    return block_c, max(1, block_c // 32)
-
-
 def lif_fwd(
     x: torch.Tensor, v0: torch.Tensor, tau: torch.Tensor, v_th: torch.Tensor, hard_reset: bool, save_h: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -176,7 +169,7 @@ def lif_fwd(
     spikes = torch.empty_like(x)
     v_final = torch.empty(batch, channels, dtype=torch.float32, device=x.device)
     charged = torch.empty(batch, seq_len, channels, dtype=torch.float32, device=x.device) if save_h else v_final
-    block_c, num_warps = _launch_config(batch, channels)
+    block_c, num_warps = channel_launch_config(batch, channels)
     block_t = FWD_BLOCK_T
     grid = (batch, triton.cdiv(channels, block_c))
     # enable_fp_fusion=False: no fused multiply-adds, so the fp32 arithmetic (and every spike) matches torch.
@@ -203,7 +196,7 @@ def lif_bwd(
     batch, seq_len, channels = charged.shape
     grad_x = torch.empty(batch, seq_len, channels, dtype=x_dtype, device=charged.device)
     grad_v0, grad_tau, grad_th = (torch.empty_like(v0) for _ in range(3))
-    block_c, num_warps = _launch_config(batch, channels)
+    block_c, num_warps = channel_launch_config(batch, channels)
     block_t = BWD_BLOCK_T
     grid = (batch, triton.cdiv(channels, block_c))
     _lif_bwd_kernel[grid](

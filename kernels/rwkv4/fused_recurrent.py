@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils import channel_launch_config
+
 
 @triton.jit
 def _row(tile, row):
@@ -224,15 +226,6 @@ FWD_BLOCK_T = 16
 BWD_BLOCK_T = 8
 
 
-def _launch_config(batch: int, channels: int) -> tuple[int, int]:
-    """(BLOCK_C, num_warps). Only B*C runs in parallel, so the channel block shrinks (down to one warp's 32
-    channels) until there are enough programs to fill a GPU (~4 per SM on a 132-SM H100)."""
-    block_c = min(triton.next_power_of_2(channels), 128)
-    while block_c > 32 and batch * triton.cdiv(channels, block_c) < 512:
-        block_c //= 2
-    return block_c, max(1, block_c // 32)
-
-
 def rwkv4_fwd(
     w: torch.Tensor,
     u: torch.Tensor,
@@ -252,7 +245,7 @@ def rwkv4_fwd(
     states = tuple(torch.empty(batch, seq_len, channels, dtype=torch.float32, device=k.device) for _ in range(3))
     if not store_states:
         states = final  # unused placeholders: the kernel writes nothing there
-    block_c, num_warps = _launch_config(batch, channels)
+    block_c, num_warps = channel_launch_config(batch, channels)
     block_t = FWD_BLOCK_T
     grid = (batch, triton.cdiv(channels, block_c))
     _rwkv4_fwd_kernel[grid](
@@ -279,7 +272,7 @@ def rwkv4_bwd(
     _, _, states = rwkv4_fwd(w, u, k, v, state, store_output=False, store_states=True)
     grad_k, grad_v = torch.empty_like(k), torch.empty_like(v)
     grad_w, grad_u, *grad_state = (torch.empty_like(state[0]) for _ in range(5))
-    block_c, num_warps = _launch_config(batch, channels)
+    block_c, num_warps = channel_launch_config(batch, channels)
     block_t = BWD_BLOCK_T
     grid = (batch, triton.cdiv(channels, block_c))
     _rwkv4_bwd_kernel[grid](
