@@ -61,8 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="resume from this checkpoint folder (default: the run directory's latest, if any)")
     parser.add_argument("--no-resume", action="store_true",
                         help="start from step 0 even if the run directory has checkpoints")
-    parser.add_argument("--nproc-per-node", type=int, default=1,
-                        help="processes on this node (one per GPU; on CPU, gloo processes)")
+    parser.add_argument("--nproc-per-node", "--gpus", type=int, default=1,
+                        help="processes on this node (one per GPU; on CPU, gloo processes); --gpus is the same")
     parser.add_argument("--hostfile", type=Path, default=None,
                         help="DeepSpeed hostfile ('host slots=N' lines) for multi-node runs via the deepspeed launcher")
     parser.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")

@@ -104,3 +104,14 @@ def test_hostfile_goes_through_the_deepspeed_launcher(tmp_path, corpus, monkeypa
     assert "--nproc-per-node" not in cmd and "--hostfile" not in cmd[cmd.index("--module"):]
     assert env["SPIKELM_LAUNCHED"] == "1"
     assert train_cli(recipe, tmp_path / "run", tmp_path / "cache", "--hostfile", str(tmp_path / "missing")) == 2
+
+
+def test_gpus_is_the_number_of_processes_per_node():
+    import argparse
+
+    import spikelm.training as training
+
+    parser = argparse.ArgumentParser()
+    training.add_arguments(parser)
+    assert parser.parse_args(["r.yaml", "--gpus", "4"]).nproc_per_node == 4
+    assert parser.parse_args(["r.yaml", "--nproc-per-node", "2"]).nproc_per_node == 2
