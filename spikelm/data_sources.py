@@ -276,6 +276,8 @@ def load_documents(cfg: DataConfig, *, streaming: bool, cache_dir: Path | None =
         if not streaming and cache_dir is not None:
             kwargs["cache_dir"] = str(cache_dir)
         files = [str(p) for p in resolved.files]
+        # Local files are only resolved, never fetched: datasets' bar would say "Downloading data".
+        kwargs["download_config"] = datasets.DownloadConfig(download_desc="Resolving local data files")
         try:
             ds = datasets.load_dataset(resolved.builder, data_files=files, split="train", streaming=streaming,
                                        **kwargs)
