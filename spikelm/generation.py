@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
     parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
     parser.add_argument("--greedy", action="store_true", help="always take the likeliest token (no sampling)")
+    parser.add_argument("--event-decoding", action="store_true",
+                        help="read only the synapses of inputs that spiked (faster for models larger than the CPU "
+                        "cache and sparse spikes; keeps a second, input-major copy of the projection weights)")
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -59,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model_dir)
     model = SpikeLMForCausalLM.from_pretrained(str(args.model_dir))
     model.eval()
+    model.set_event_decoding(args.event_decoding)
     vocab_size = model.config.vocab_size
     if len(tokenizer) > vocab_size:
         raise SpikeLMError(

@@ -342,6 +342,22 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
                                         hidden_states=outputs.hidden_states)
         return output if return_dict is not False else output.to_tuple()
 
+    def set_event_decoding(self, enabled: bool = True) -> None:
+        """Event-driven synapses in one-token decoding steps (``SpikingLinear.project_step``).
+
+        Each spiking projection then reads only the weight rows of inputs that spiked, from an input-major copy of
+        its weight (built on first use, rebuilt when the weight changes; it doubles those weights' memory). Decoding
+        steps whose weights stream from main memory get faster with the fraction of zero spikes; small models that
+        fit in cache get slower (a gather costs more than a cached dense product). Training, full-sequence calls and
+        the dense twin's sites (``neuron: none``) are unaffected. ``enabled=False`` drops the copies.
+        """
+        for module in self.modules():
+            if isinstance(module, SpikingLinear):
+                module.event_driven = enabled and module.neuron.kind != "none"
+                if not module.event_driven:
+                    module.__dict__.pop("_input_major", None)
+                    module.__dict__.pop("_input_major_key", None)
+
     def prepare_inputs_for_generation(self, input_ids: Tensor, next_sequence_length: int | None = None,
                                       past_key_values: SpikeLMCache | None = None, **kwargs: Any) -> dict[str, Any]:
         # With a cache, feed only the tokens the state has not consumed yet: the recurrence carries the rest.

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spikelm.config import SpikeLMConfig
@@ -257,10 +258,36 @@ class SpikingLinear(nn.Module):
         self.linear = nn.Linear(in_features, out_features, bias=False)
         self.linear.init_std = config.initializer_range if init_std is None else init_std
 
+    # Event-driven projection of one decoding step (see project_step); set by SpikeLMForCausalLM.set_event_decoding.
+    event_driven = False
+
     def forward(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> tuple[Tensor, Any]:
         """``x [B, T, in]`` -> ``(linear(spikes) [B, T, out], neuron state)``."""
         spikes, state = self.neuron(x, state, mask)
         return self.linear(spikes), state
+
+    def project_step(self, spikes: Tensor) -> Tensor:
+        """The synapses of one decoding step: ``spikes [N, in]`` (the neuron's output) -> ``[N, out]``.
+
+        Dense by default (``linear.forward``, as the decoding step calls it). With ``event_driven`` and no autograd,
+        only the synapses of inputs that fired are read: ``out[n] = sum over fired i of spikes[n, i] * W[:, i]``, a
+        weighted gather of rows of an input-major copy of the weight (``F.embedding_bag``). A decoding step reads every
+        weight once from memory, so at sizes where the weights do not fit in cache the step time falls with the
+        fraction of zero spikes. The copy costs the weight's memory again; it is rebuilt whenever the weight changes
+        (another version, storage or dtype). Results equal the dense product up to float summation order.
+        """
+        if not self.event_driven or torch.is_grad_enabled():
+            return self.linear.forward(spikes)
+        weight = self.linear.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if getattr(self, "_input_major_key", None) != key:
+            self._input_major = weight.detach().t().contiguous()  # [in, out]: one row per input synapse bundle
+            self._input_major_key = key
+        rows, columns = spikes.nonzero(as_tuple=True)  # row-major order: each row's events are contiguous
+        per_row = torch.bincount(rows, minlength=spikes.shape[0])
+        out = F.embedding_bag(columns, self._input_major, torch.cumsum(per_row, 0) - per_row, mode="sum",
+                              per_sample_weights=spikes[rows, columns].to(weight.dtype))
+        return out if self.linear.bias is None else out + self.linear.bias
 
 
 def expand_counts(counts: Tensor, encoding: str, max_count: int) -> Tensor:

@@ -101,7 +101,7 @@ class _SpikingMix(nn.Module):
         first = sites[0].neuron
         if all(first.fires_like(site.neuron) for site in sites[1:]):  # nobody observes them on this path
             spikes, _ = first.forward(stacked)  # a stateless per-token rule: any leading shape
-            return [site.linear.forward(spikes[i]) for i, site in enumerate(sites)]
+            return [site.project_step(spikes[i]) for i, site in enumerate(sites)]
         return [self._site_step(name, stacked[i], state, new_state) for i, name in enumerate(names)]
 
     def _site_step(self, name: str, x: Tensor, state: State, new_state: State) -> Tensor:
@@ -110,7 +110,7 @@ class _SpikingMix(nn.Module):
         spikes, neuron_state = site.neuron.forward(x.unsqueeze(1), state.get(name))
         if neuron_state is not None:
             new_state[name] = neuron_state
-        return site.linear.forward(spikes.squeeze(1))
+        return site.project_step(spikes.squeeze(1))
 
 
 def _fire_together(sites: list[nn.Module]) -> bool:

@@ -41,6 +41,9 @@ def test_streams_a_continuation_of_the_prompt(model_dir, capsys):
     greedy = generate(capsys, model_dir, "HAMLET:", "--max-new-tokens", 6, "--greedy")
     assert greedy[0] == 0 and greedy[1] == generate(capsys, model_dir, "HAMLET:", "--max-new-tokens", 6,
                                                     "--greedy")[1]
+    # Event-driven decoding computes the same projections (up to summation order): same greedy text here.
+    event = generate(capsys, model_dir, "HAMLET:", "--max-new-tokens", 6, "--greedy", "--event-decoding")
+    assert event[0] == 0 and event[1] == greedy[1]
 
 
 def test_streaming_goes_through_a_text_streamer(model_dir, capsys, monkeypatch):

@@ -7,6 +7,7 @@ context lengths (it should stay flat: the state has a fixed size).
 
     python tools/bench_model.py                      # defaults: 1 thread, batch 4 x 256 tokens
     python tools/bench_model.py --threads 2 --contexts 100,500,1000,2000
+    python tools/bench_model.py --event-sizes 45m,216m   # also event-driven decoding at larger sizes
 
 Not a test: timings depend on the machine and its load. Both models run under the same ``torch.set_num_threads``.
 """
@@ -104,6 +105,42 @@ def build_models(args: argparse.Namespace) -> tuple[SpikeLMForCausalLM, SpikeLMF
     return spikelm6, spikelm4, rwkv
 
 
+def event_decoding(args: argparse.Namespace, gen: torch.Generator) -> None:
+    """Per-token decoding at larger presets: dense synapses vs event-driven ones vs ``RwkvForCausalLM``.
+
+    The spiking models use ``adaptive_k = 0.4`` (the default recipe's setting; ~70% of spike counts are zero, also
+    at initialisation). At these sizes a decoding step streams its weights from main memory, so reading only the
+    synapses of inputs that spiked saves time in proportion to the zeros.
+    """
+    from spikelm.sparsity import SparsityMonitor
+
+    print("\nper-token decoding at larger sizes (adaptive_k 0.4): dense vs event-driven synapses vs RwkvForCausalLM")
+    for preset in args.event_sizes.split(","):
+        torch.manual_seed(0)
+        dense = SpikeLMForCausalLM(SpikeLMConfig.from_preset(preset, vocab_size=args.vocab, adaptive_k=0.4)).eval()
+        event = SpikeLMForCausalLM(dense.config).eval()
+        event.load_state_dict(dense.state_dict())
+        event.set_event_decoding(True)
+        c = dense.config
+        rwkv = RwkvForCausalLM(RwkvConfig(vocab_size=args.vocab, hidden_size=c.hidden_size,
+                                          num_hidden_layers=c.num_hidden_layers, attention_hidden_size=c.hidden_size,
+                                          intermediate_size=c.intermediate_size, context_length=4096,
+                                          tie_word_embeddings=True)).eval()
+        prompt = torch.randint(0, args.vocab, (1, args.gen_prompt), generator=gen)
+        with torch.inference_mode(), SparsityMonitor(dense) as monitor:
+            dense(prompt)
+        zeros = monitor.report().to_dict()["total"]["zero_fraction"]
+        steps = 16
+        seconds = median_seconds({"dense": spikelm_decoder(dense, prompt, steps),
+                                  "event": spikelm_decoder(event, prompt, steps),
+                                  "rwkv": rwkv_decoder(rwkv, prompt, steps)}, args.repeats)
+        ms = {name: 1000 * value / steps for name, value in seconds.items()}
+        print(f"  {preset:5s} ({c.num_hidden_layers} x {c.hidden_size}, {zeros:.0%} zero spikes): SpikeLM dense "
+              f"{ms['dense']:.1f} ms/token, event-driven {ms['event']:.1f} ms/token, RwkvForCausalLM "
+              f"{ms['rwkv']:.1f} ms/token -> vs RwkvForCausalLM: dense x{ms['rwkv'] / ms['dense']:.2f}, "
+              f"event-driven x{ms['rwkv'] / ms['event']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # One thread by default: on a shared 2-core machine, 2 OpenMP threads per process oversubscribe the cores and the
@@ -116,6 +153,8 @@ def main() -> None:
     parser.add_argument("--gen-steps", type=int, default=64, help="tokens decoded per generation timing")
     parser.add_argument("--gen-prompt", type=int, default=16, help="prompt length before generation timing")
     parser.add_argument("--contexts", default="100,500,1000,2000", help="context lengths for the flatness check")
+    parser.add_argument("--event-sizes", default="", metavar="PRESETS",
+                        help="also time event-driven decoding at these presets, e.g. 45m,216m (default: none)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spikelm6, spikelm4, rwkv = build_models(args)
@@ -159,6 +198,8 @@ def main() -> None:
     }
     for length, seconds in median_seconds(by_length, args.repeats).items():
         print(f"  context {int(length):5d}: {1000 * seconds / steps:6.2f} ms/token")
+    if args.event_sizes:
+        event_decoding(args, gen)
 
 
 if __name__ == "__main__":
