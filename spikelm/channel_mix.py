@@ -14,7 +14,7 @@ from transformers import initialization as init
 
 from spikelm.config import SpikeLMConfig
 from spikelm.neurons import SpikingLinear
-from spikelm.time_mix import State, _SpikingMix, channel_ramp, mask_tokens, token_shift
+from spikelm.time_mix import State, _SpikingMix, channel_ramp, mask_tokens
 
 
 class ChannelMix(_SpikingMix):
@@ -45,8 +45,7 @@ class ChannelMix(_SpikingMix):
         """``x [B, T, C]`` -> ``(out [B, T, C], new_state or None)``."""
         new_state: State = {}
         x = mask_tokens(x, mask)
-        delta = token_shift(x, None if state is None else state.get("shift")) - x
-        mixed = torch.addcmul(x, delta, self.shift_mix.to(x.dtype).view(2, 1, 1, -1))  # (2, B, T, C)
+        mixed = self._mixed_inputs(x, None if state is None else state.get("shift"))  # (2, B, T, C)
         k, r = self._sites(("key", "receptance"), mixed, state, new_state, mask)
         out = torch.sigmoid(r) * self._site("value", torch.relu(k).square(), state, new_state, mask)
         if not use_cache:
@@ -57,7 +56,7 @@ class ChannelMix(_SpikingMix):
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """One decoding step (see ``_SpikingMix``): ``x [B, C]`` and its state -> ``(out [B, C], new_state)``."""
         new_state: State = {"shift": x}
-        mixed = torch.addcmul(x, state["shift"].to(x.dtype) - x, self.shift_mix.to(x.dtype).unsqueeze(1))  # (2, B, C)
+        mixed = self._mixed_inputs(x, state["shift"])  # (2, B, C)
         k, r = self._sites_step(("key", "receptance"), mixed, state, new_state)
         out = torch.sigmoid(r) * self._site_step("value", torch.relu(k).square(), state, new_state)
         return out, new_state

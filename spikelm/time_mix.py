@@ -65,6 +65,16 @@ class _SpikingMix(nn.Module):
         # CUDA the kernel dispatcher already picks its fused-recurrent Triton kernel for short inputs.
         return self.backend is None and x.shape[1] == 1 and not x.is_cuda
 
+    def _mixed_inputs(self, x: Tensor, previous: Tensor | None) -> Tensor:
+        """Each row of ``shift_mix`` blends x_t with x_{t-1}: ``[S, *x.shape]``.
+
+        ``x`` is a sequence ``[B, T, C]`` (x_{t-1} by ``token_shift``, ``previous [B, C]`` before the first token) or
+        one decoding step ``[B, C]`` (x_{t-1} is ``previous``).
+        """
+        shifted = previous.to(x.dtype) if x.dim() == 2 else token_shift(x, previous)
+        mix = self.shift_mix.to(x.dtype)
+        return torch.addcmul(x, shifted - x, mix.view(mix.shape[0], *[1] * (x.dim() - 1), mix.shape[1]))
+
     def _scan_backend(self, x: Tensor) -> str | None:
         return "naive" if self._decoding_step_on_cpu(x) else self.backend
 
@@ -179,8 +189,7 @@ class RWKV6TimeMix(_SpikingMix):
         H, K = self.num_heads, self.head_size
         new_state: State = {}
         x = mask_tokens(x, mask)
-        delta = token_shift(x, None if state is None else state.get("shift")) - x
-        mixed = torch.addcmul(x, delta, self.shift_mix.to(x.dtype).view(-1, 1, 1, C))  # (5, B, T, C)
+        mixed = self._mixed_inputs(x, None if state is None else state.get("shift"))  # (5, B, T, C)
         r, k, v, g, decay_in = self._sites(self.MIXES, mixed, state, new_state, mask)
         decay_lora = self.decay_up(torch.tanh(decay_in))
         log_decay = -torch.exp(self.time_decay.float() + decay_lora.float())  # (B, T, C), fp32, <= 0
@@ -211,7 +220,7 @@ class RWKV6TimeMix(_SpikingMix):
         B, C = x.shape
         H, K = self.num_heads, self.head_size
         new_state: State = {"shift": x}
-        mixed = torch.addcmul(x, state["shift"].to(x.dtype) - x, self.shift_mix.to(x.dtype).unsqueeze(1))  # (5, B, C)
+        mixed = self._mixed_inputs(x, state["shift"])  # (5, B, C)
         r, k, v, g, decay_in = self._sites_step(self.MIXES, mixed, state, new_state)
         log_decay = -torch.exp(self.time_decay.float() + self.decay_up.forward(torch.tanh(decay_in)).float())
         wkv, new_state["wkv"] = wkv6_step(r.view(B, H, K), k.view(B, H, K), v.view(B, H, K),
@@ -266,8 +275,7 @@ class RWKV4TimeMix(_SpikingMix):
         """``x [B, T, C]`` -> ``(out [B, T, C], new_state or None)``."""
         new_state: State = {}
         x = mask_tokens(x, mask)
-        delta = token_shift(x, None if state is None else state.get("shift")) - x
-        mixed = torch.addcmul(x, delta, self.shift_mix.to(x.dtype).view(-1, 1, 1, x.shape[-1]))  # (3, B, T, C)
+        mixed = self._mixed_inputs(x, None if state is None else state.get("shift"))  # (3, B, T, C)
         k, v, r = self._sites(self.MIXES, mixed, state, new_state, mask)
         k, v, r = k.float(), v.float(), torch.sigmoid(r)
         if mask is not None:
@@ -284,7 +292,7 @@ class RWKV4TimeMix(_SpikingMix):
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """One decoding step (see ``_SpikingMix``): ``x [B, C]`` and its state -> ``(out [B, C], new_state)``."""
         new_state: State = {"shift": x}
-        mixed = torch.addcmul(x, state["shift"].to(x.dtype) - x, self.shift_mix.to(x.dtype).unsqueeze(1))  # (3, B, C)
+        mixed = self._mixed_inputs(x, state["shift"])  # (3, B, C)
         k, v, r = self._sites_step(self.MIXES, mixed, state, new_state)
         wkv, new_state["wkv"] = rwkv4_scan(-torch.exp(self.time_decay.float()), self.time_first.float(),
                                            k.float().unsqueeze(1), v.float().unsqueeze(1), state["wkv"],
