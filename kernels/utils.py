@@ -42,4 +42,3 @@ def channel_launch_config(batch: int, channels: int) -> tuple[int, int]:
     while block_c > 32 and batch * -(-channels // block_c) < 512:
         block_c //= 2
     return block_c, max(1, block_c // 32)
-

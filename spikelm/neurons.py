@@ -260,6 +260,7 @@ class SpikingLinear(nn.Module):
 
     # Event-driven projection of one decoding step (see project_step); set by SpikeLMForCausalLM.set_event_decoding.
     event_driven = False
+    _input_major_key: tuple | None = None  # what the input-major weight copy was built from
 
     def forward(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> tuple[Tensor, Any]:
         """``x [B, T, in]`` -> ``(linear(spikes) [B, T, out], neuron state)``."""
@@ -280,7 +281,7 @@ class SpikingLinear(nn.Module):
             return self.linear.forward(spikes)
         weight = self.linear.weight
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        if getattr(self, "_input_major_key", None) != key:
+        if self._input_major_key != key:
             self._input_major = weight.detach().t().contiguous()  # [in, out]: one row per input synapse bundle
             self._input_major_key = key
         rows, columns = spikes.nonzero(as_tuple=True)  # row-major order: each row's events are contiguous

@@ -108,9 +108,8 @@ class _SpikingMix(nn.Module):
     def _sites_step(self, names: tuple[str, ...], stacked: Tensor, state: State, new_state: State) -> list[Tensor]:
         """``_sites`` for one token: stacked inputs ``[S, B, C]`` -> S outputs ``[B, out]``."""
         sites = [getattr(self, name) for name in names]
-        first = sites[0].neuron
-        if all(first.fires_like(site.neuron) for site in sites[1:]):  # nobody observes them on this path
-            spikes, _ = first.forward(stacked)  # a stateless per-token rule: any leading shape
+        if _fire_together(sites):
+            spikes, _ = sites[0].neuron.forward(stacked)  # a stateless per-token rule: any leading shape
             return [site.project_step(spikes[i]) for i, site in enumerate(sites)]
         return [self._site_step(name, stacked[i], state, new_state) for i, name in enumerate(names)]
 
@@ -182,6 +181,10 @@ class RWKV6TimeMix(_SpikingMix):
         zigzag = ((torch.arange(C, device=n.device) + 1) % 3 - 1).float() * 0.1
         init.copy_(self.bonus, (ratio_0_to_1 * (1.0 - n) + zigzag).view_as(self.bonus))
 
+    def _log_decay(self, decay_lora: Tensor) -> Tensor:
+        """``w = -exp(w0 + lora)`` in fp32 from the decay LoRA's output."""
+        return -torch.exp(self.time_decay.float() + decay_lora.float())
+
     def forward(self, x: Tensor, state: State | None = None, mask: Tensor | None = None,
                 use_cache: bool = False) -> tuple[Tensor, State | None]:
         """``x [B, T, C]`` -> ``(out [B, T, C], new_state or None)``."""
@@ -191,8 +194,7 @@ class RWKV6TimeMix(_SpikingMix):
         x = mask_tokens(x, mask)
         mixed = self._mixed_inputs(x, None if state is None else state.get("shift"))  # (5, B, T, C)
         r, k, v, g, decay_in = self._sites(self.MIXES, mixed, state, new_state, mask)
-        decay_lora = self.decay_up(torch.tanh(decay_in))
-        log_decay = -torch.exp(self.time_decay.float() + decay_lora.float())  # (B, T, C), fp32, <= 0
+        log_decay = self._log_decay(self.decay_up(torch.tanh(decay_in)))  # (B, T, C), fp32, <= 0
         if mask is not None:
             # A pad must leave the state untouched: no key written (k = 0), no decay (exp(0) = 1).
             k = mask_tokens(k, mask)
@@ -222,7 +224,7 @@ class RWKV6TimeMix(_SpikingMix):
         new_state: State = {"shift": x}
         mixed = self._mixed_inputs(x, state["shift"])  # (5, B, C)
         r, k, v, g, decay_in = self._sites_step(self.MIXES, mixed, state, new_state)
-        log_decay = -torch.exp(self.time_decay.float() + self.decay_up.forward(torch.tanh(decay_in)).float())
+        log_decay = self._log_decay(self.decay_up.forward(torch.tanh(decay_in)))
         wkv, new_state["wkv"] = wkv6_step(r.view(B, H, K), k.view(B, H, K), v.view(B, H, K),
                                           log_decay.view(B, H, K), self.bonus.float(), state["wkv"])
         out = self.group_norm.forward(wkv.view(B, C).to(x.dtype)) * F.silu(g)
