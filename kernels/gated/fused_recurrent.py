@@ -18,13 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tiles import tile_row
 from ..utils import channel_launch_config
-
-
-@triton.jit
-def _row(tile, row):
-    # Row ``row`` of a [BLOCK_T, BLOCK_C] tile; a register select once the token loop is unrolled.
-    return tl.sum(tl.where(row, tile, 0.0), axis=0)
 
 
 @triton.jit
@@ -61,7 +56,7 @@ def _gated_fwd_kernel(
         for i in tl.static_range(BLOCK_T):
             row = rows[:, None] == i
             valid = (t0 + i + cols * 0) < T  # the last tile may run past T: keep the state there
-            new_current = forget * current + _row(gated_input, row)
+            new_current = forget * current + tile_row(gated_input, row)
             accumulated = accumulator + new_current
             # clamp(trunc(a / theta), -L, L) == sign(a) min(floor(|a| / theta), L), with IEEE division as in torch.
             quotient = tl.math.div_rn(accumulated, threshold)
@@ -114,9 +109,9 @@ def _gated_bwd_kernel(
         for i in tl.static_range(BLOCK_T):
             row = rows[:, None] == i
             valid = (t0 + i + cols * 0) < T
-            tangent = tl.where(valid, forget * tangent + current - _row(x_tile, row), tangent)
-            current = tl.where(valid, forget * current + _row(gated_input, row), current)
-            grad_f += _row(grad_acc, row) * tangent  # rows past T have grad_acc = 0
+            tangent = tl.where(valid, forget * tangent + current - tile_row(x_tile, row), tangent)
+            current = tl.where(valid, forget * current + tile_row(gated_input, row), current)
+            grad_f += tile_row(grad_acc, row) * tangent  # rows past T have grad_acc = 0
     grad_f += grad_i_final * tangent
 
     # 2. Reverse sweep: dL/dI_t = g_t / theta + f dL/dI_{t+1};  dL/dx_t = (1 - f) dL/dI_t.
@@ -133,7 +128,7 @@ def _gated_bwd_kernel(
             i = BLOCK_T - 1 - r
             row = rows[:, None] == i
             valid = (t0 + i + cols * 0) < T
-            grad_i = _row(grad_acc, row) + carry
+            grad_i = tile_row(grad_acc, row) + carry
             grad_current = tl.where(row, grad_i[None, :], grad_current)
             carry = tl.where(valid, forget * grad_i, carry)
         grad_x = (1.0 - forget[None, :]) * grad_current

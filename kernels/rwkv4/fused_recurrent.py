@@ -22,13 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tiles import tile_row
 from ..utils import channel_launch_config
-
-
-@triton.jit
-def _row(tile, row):
-    # Row ``row`` of a [BLOCK_T, BLOCK_C] tile; a register select once the token loop is unrolled.
-    return tl.sum(tl.where(row, tile, 0.0), axis=0)
 
 
 @triton.jit
@@ -78,7 +73,7 @@ def _rwkv4_fwd_kernel(
         for i in tl.static_range(BLOCK_T):
             row = rows[:, None] == i
             valid = (t0 + i + cols * 0) < T  # the last tile may run past T: keep the state there
-            k, v = _row(k_tile, row), _row(v_tile, row)
+            k, v = tile_row(k_tile, row), tile_row(v_tile, row)
             if STORE_STATES:
                 num_tile = tl.where(row, num[None, :], num_tile)
                 den_tile = tl.where(row, den[None, :], den_tile)
@@ -194,20 +189,20 @@ def _rwkv4_bwd_kernel(
             i = BLOCK_T - 1 - r
             row = rows[:, None] == i
             valid = (t0 + i + cols * 0) < T
-            a_i, b_i, v_i = _row(a, row), _row(b, row), _row(v, row)
-            grad_a = (grad_num * _row(num, row) + grad_den * _row(den, row)) * a_i  # dL/d(max + w - m_s)
+            a_i, b_i, v_i = tile_row(a, row), tile_row(b, row), tile_row(v, row)
+            grad_a = (grad_num * tile_row(num, row) + grad_den * tile_row(den, row)) * a_i  # dL/d(max + w - m_s)
             grad_b = (grad_num * v_i + grad_den) * b_i  # dL/d(k - m_s)
             grad_new_max = grad_max - grad_a - grad_b
-            share = _row(decayed_first, row)
+            share = tile_row(decayed_first, row)
             grad_decayed = grad_a + grad_new_max * share  # into max + w
-            grad_k = grad_b + grad_new_max * (1.0 - share) + _row(grad_uk, row)
-            grad_v = grad_num * b_i + _row(grad_out_num * e2, row)
+            grad_k = grad_b + grad_new_max * (1.0 - share) + tile_row(grad_uk, row)
+            grad_v = grad_num * b_i + tile_row(grad_out_num * e2, row)
             grad_k_tile = tl.where(row, grad_k[None, :], grad_k_tile)
             grad_v_tile = tl.where(row, grad_v[None, :], grad_v_tile)
             grad_w += tl.where(valid, grad_decayed, 0.0)
-            next_num = grad_num * a_i + _row(grad_out_num * e1, row)
-            next_den = grad_den * a_i + _row(grad_out_den * e1, row)
-            grad_max = tl.where(valid, grad_decayed + _row(grad_max_direct, row), grad_max)
+            next_num = grad_num * a_i + tile_row(grad_out_num * e1, row)
+            next_den = grad_den * a_i + tile_row(grad_out_den * e1, row)
+            grad_max = tl.where(valid, grad_decayed + tile_row(grad_max_direct, row), grad_max)
             grad_num = tl.where(valid, next_num, grad_num)
             grad_den = tl.where(valid, next_den, grad_den)
         tl.store(grad_k_ptr + offsets, grad_k_tile.to(grad_k_ptr.dtype.element_ty), mask=tile_mask)
