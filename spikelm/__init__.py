@@ -5,8 +5,8 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from spikelm.config import PRESETS, SpikeLMConfig
-from spikelm.modeling import SpikeLMForCausalLM, SpikeLMModel
+from spikelm.model.config import PRESETS, SpikeLMConfig
+from spikelm.model.modeling import SpikeLMForCausalLM, SpikeLMModel
 
 AutoConfig.register(SpikeLMConfig.model_type, SpikeLMConfig, exist_ok=True)
 AutoModel.register(SpikeLMConfig, SpikeLMModel, exist_ok=True)

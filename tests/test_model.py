@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spikelm.cache import SpikeLMCache
-from spikelm.config import SpikeLMConfig
-from spikelm.modeling import SpikeLMForCausalLM, spike_sites
-from spikelm.neurons import SpikingLinear, SpikingNeuron
+from spikelm.model.cache import SpikeLMCache
+from spikelm.model.config import SpikeLMConfig
+from spikelm.model.modeling import SpikeLMForCausalLM, spike_sites
+from spikelm.model.neurons import SpikingLinear, SpikingNeuron
 
 COMBOS = list(itertools.product(["rwkv6", "rwkv4"], ["adaptive", "lif", "gated", "none"]))
 IDS = [f"{t}-{n}" for t, n in COMBOS]

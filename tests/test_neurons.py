@@ -1,12 +1,12 @@
-"""Spiking neurons: the spike rules of DESIGN.md, their gradients, state carry-over, padding and event expansion."""
+"""Spiking neurons: the spike rules of docs/design.md, their gradients, state carry-over, padding, event expansion."""
 
 import math
 
 import pytest
 import torch
 
-from spikelm.config import SpikeLMConfig
-from spikelm.neurons import (
+from spikelm.model.config import SpikeLMConfig
+from spikelm.model.neurons import (
     AdaptiveNeuron,
     GatedNeuron,
     IdentityNeuron,

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from spikelm.errors import SpikeLMError
-from spikelm.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
+from spikelm.train.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 # Nodes x GPUs each recipe's comments are written for.
@@ -37,7 +37,7 @@ def test_every_recipe_builds(path, monkeypatch):
     import deepspeed.runtime.config as ds_config_module
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from spikelm.modeling import SpikeLMForCausalLM
+    from spikelm.model.modeling import SpikeLMForCausalLM
 
     recipe = load_recipe(path)
     assert recipe.name == path.stem

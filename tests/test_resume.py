@@ -13,8 +13,8 @@ import pytest
 import torch
 from test_train import read_metrics, train_cli, write_corpus, write_tiny_recipe
 
-from spikelm.checkpoint import COMPLETE, find_latest_checkpoint
-from spikelm.schedule import lr_at
+from spikelm.train.checkpoint import COMPLETE, find_latest_checkpoint
+from spikelm.train.schedule import lr_at
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path, corpus, cache):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
     env["PYTHONUNBUFFERED"] = "1"
-    proc = subprocess.Popen([sys.executable, "-m", "spikelm.cli", "train", str(recipe), "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "spikelm.commands.main", "train", str(recipe), "--out", str(out),
                              "--cache-dir", str(cache), "--no-progress"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import spikelm  # noqa: F401  (registers model_type "spikelm" with the Auto classes)
-from spikelm.config import SpikeLMConfig
-from spikelm.modeling import SpikeLMForCausalLM
+from spikelm.model.config import SpikeLMConfig
+from spikelm.model.modeling import SpikeLMForCausalLM
 
 VOCAB = 96
 PAD = 0

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from spikelm.energy import ENERGY_TABLES, EnergyTable, get_energy_table
-from spikelm.sparsity import (
+from spikelm.measure.energy import ENERGY_TABLES, EnergyTable, get_energy_table
+from spikelm.measure.sparsity import (
     SparsityMonitor,
     add_to_histogram,
     split_site_name,
@@ -144,9 +144,9 @@ def test_histogram_scatter_path_equals_bincount_path():
 
 
 def test_analytic_event_counts_match_expand_counts():
-    neurons = pytest.importorskip("spikelm.neurons")
+    neurons = pytest.importorskip("spikelm.model.neurons")
     if not hasattr(neurons, "expand_counts"):
-        pytest.skip("spikelm.neurons.expand_counts not written yet")
+        pytest.skip("spikelm.model.neurons.expand_counts not written yet")
     torch.manual_seed(0)
     counts = torch.randint(-7, 8, (3, 5, 6)).float()
     mask = torch.rand(3, 5) > 0.3
@@ -259,8 +259,8 @@ def test_table_logging_and_json_forms():
 
 
 def tiny_model(neuron: str, **overrides):
-    from spikelm.config import SpikeLMConfig
-    from spikelm.modeling import SpikeLMForCausalLM
+    from spikelm.model.config import SpikeLMConfig
+    from spikelm.model.modeling import SpikeLMForCausalLM
 
     config = SpikeLMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, head_size=16, decay_lora_rank=8,
                            intermediate_size=64, context_length=32, neuron=neuron, **overrides)
@@ -372,7 +372,7 @@ def save_tokenizer(out_dir, vocab_size: int):
     """A tiny sentencepiece tokenizer saved as a transformers tokenizer in ``out_dir``."""
     lines = TEXT.splitlines() * 4
     try:
-        from spikelm.tokenizer import train_tokenizer
+        from spikelm.train.tokenizer import train_tokenizer
     except ImportError:
         train_tokenizer = None
     if train_tokenizer is not None:
@@ -407,7 +407,7 @@ def saved_model(tmp_path_factory):
 def test_cli_prints_table_writes_json_and_png(saved_model, tmp_path, capsys):
     from matplotlib.image import imread
 
-    from spikelm.cli import main
+    from spikelm.commands.main import main
 
     model_dir, text_file = saved_model
     json_path, png_path = tmp_path / "out" / "sparsity.json", tmp_path / "out" / "sparsity.png"
@@ -427,7 +427,7 @@ def test_cli_prints_table_writes_json_and_png(saved_model, tmp_path, capsys):
 
 
 def test_cli_errors_name_the_problem(saved_model, tmp_path, capsys):
-    from spikelm.cli import main
+    from spikelm.commands.main import main
 
     model_dir, text_file = saved_model
     empty = tmp_path / "empty.txt"
@@ -446,8 +446,8 @@ def test_cli_errors_name_the_problem(saved_model, tmp_path, capsys):
 
 
 def test_cli_recipe_uses_the_held_out_text(saved_model, tmp_path, capsys):
-    pytest.importorskip("spikelm.recipe")
-    from spikelm.cli import main
+    pytest.importorskip("spikelm.train.recipe")
+    from spikelm.commands.main import main
 
     model_dir, _ = saved_model
     (tmp_path / "corpus.txt").write_text((TEXT + "\n\n") * 6)

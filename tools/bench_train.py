@@ -62,14 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from spikelm.recipe import load_recipe
-    from spikelm.training import _prepare_environment, lm_loss, param_groups
+    from spikelm.train.dist import prepare_environment
+    from spikelm.train.loop import lm_loss, param_groups
+    from spikelm.train.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    _prepare_environment(None)
+    prepare_environment()
     import deepspeed
 
-    from spikelm.modeling import SpikeLMForCausalLM
+    from spikelm.model.modeling import SpikeLMForCausalLM
 
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         batches = [torch.randint(0, vocab, (train.micro_batch_size, train.block_size + 1), generator=generator)
                    for _ in range(total_micro)]
     else:
-        from spikelm import data as spikedata
+        from spikelm.train import data as spikedata
 
         cache = Path(os.environ.get("SPIKELM_CACHE", Path.home() / ".cache" / "spikelm"))
         tokenizer = spikedata.prepare_tokenizer(recipe.tokenizer, recipe.data, cache)

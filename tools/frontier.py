@@ -181,8 +181,8 @@ def spikelm_command(argv: list[str], *, isolate: bool) -> int:
     """Run ``spikelm <argv>``: in this process (fast: imports and the process group are reused) or, with
     ``isolate``, in a fresh Python process (nothing leaks from one run into the next)."""
     if isolate:
-        return subprocess.call([sys.executable, "-m", "spikelm.cli", *argv])
-    from spikelm.cli import main
+        return subprocess.call([sys.executable, "-m", "spikelm.commands.main", *argv])
+    from spikelm.commands.main import main
 
     return main(argv)
 

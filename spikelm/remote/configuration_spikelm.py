@@ -5,6 +5,6 @@ the model with ``AutoConfig/AutoModelForCausalLM.from_pretrained(dir, trust_remo
 stays in the installed package (``pip install spikelm``), so a saved model never runs stale copied code.
 """
 
-from spikelm.config import SpikeLMConfig
+from spikelm import SpikeLMConfig
 
 __all__ = ["SpikeLMConfig"]

@@ -4,6 +4,6 @@ See ``configuration_spikelm.py``: copied next to the weights by ``save_pretraine
 which also registers the classes with the Auto factories.
 """
 
-from spikelm.modeling import SpikeLMForCausalLM, SpikeLMModel
+from spikelm import SpikeLMForCausalLM, SpikeLMModel
 
 __all__ = ["SpikeLMModel", "SpikeLMForCausalLM"]

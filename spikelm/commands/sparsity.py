@@ -1,5 +1,6 @@
 """``spikelm sparsity MODEL_DIR [--text FILE | --recipe RECIPE] ...``: run held-out text through a saved model, print
-the per-layer spike table, write the full report as JSON and draw a PNG (see ``sparsity.py`` for what is counted).
+the per-layer spike table, write the full report as JSON and draw a PNG (``spikelm/measure/sparsity.py`` says what is
+counted).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spikelm.checkpoint import atomic_write_text
-from spikelm.energy import DEFAULT_ENERGY_TABLE, ENERGY_TABLES, EnergyTable, get_energy_table
 from spikelm.errors import SpikeLMError
-from spikelm.sparsity import ENCODINGS, SparsityMonitor, SparsityReport
+from spikelm.measure.energy import DEFAULT_ENERGY_TABLE, ENERGY_TABLES, EnergyTable, get_energy_table
+from spikelm.measure.sparsity import ENCODINGS, SparsityMonitor, SparsityReport
+from spikelm.train.checkpoint import atomic_write_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,11 +51,9 @@ def _read_text(args: argparse.Namespace) -> str:
     elif args.recipe is not None:
         if not args.recipe.is_file():
             raise SpikeLMError(f"--recipe {args.recipe}: no such file; give a recipe YAML such as recipes/*.yaml")
-        try:
-            from spikelm.data import heldout_text
-            from spikelm.recipe import load_recipe
-        except ImportError as err:
-            raise SpikeLMError(f"--recipe needs spikelm.recipe and spikelm.data ({err}); use --text FILE") from err
+        from spikelm.train.data import heldout_text
+        from spikelm.train.recipe import load_recipe
+
         # ~16 characters per token is generous for any subword vocabulary; the token budget trims the rest.
         text = heldout_text(load_recipe(args.recipe).data, max_chars=16 * args.tokens)
         origin = f"held-out text of --recipe {args.recipe}"
@@ -75,7 +74,7 @@ def _load_model_and_tokenizer(model_dir: Path, device: torch.device) -> tuple[nn
     import spikelm  # noqa: F401  (registers SpikeLM with the Auto classes)
 
     try:
-        from spikelm.tokenizer import load_tokenizer
+        from spikelm.train.tokenizer import load_tokenizer
     except ImportError:
         load_tokenizer = AutoTokenizer.from_pretrained
     try:
@@ -151,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(args.json, json.dumps(data, indent=2) + "\n")  # never a half-written JSON
         print(f"wrote {args.json}")
     if args.plot is not None:
-        from spikelm.sparsity_plot import plot_report
+        from spikelm.measure.plots import plot_report
 
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_report(report, args.plot)

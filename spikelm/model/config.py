@@ -33,7 +33,7 @@ def _positive(field: str, value: float, *, allow_zero: bool = False) -> None:
 
 
 class SpikeLMConfig(PretrainedConfig):
-    r"""Configuration of a spiking RWKV language model (see DESIGN.md, "The model").
+    r"""Configuration of a spiking RWKV language model (see docs/design.md, "The model").
 
     Size:
         vocab_size: tokens in the vocabulary (embedding rows and LM-head outputs).

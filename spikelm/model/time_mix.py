@@ -1,4 +1,4 @@
-"""TimeMix: the token-mixing half of a block (DESIGN.md, "TimeMix"), ``rwkv6`` or ``rwkv4``.
+"""TimeMix: the token-mixing half of a block (docs/design.md, "TimeMix"), ``rwkv6`` or ``rwkv4``.
 
 Both modules take ``x [B, T, C]`` (already layer-normed), an optional per-module recurrent state (a dict) and a
 ``mask [B, T]`` (True = real token), and return ``(out [B, T, C], new_state)``. The same code serves the parallel
@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import initialization as init
 
-from spikelm.config import SpikeLMConfig
 from spikelm.kernels import rwkv4_scan, rwkv6_scan
-from spikelm.neurons import SpikingLinear, kernel_backend
+from spikelm.model.config import SpikeLMConfig
+from spikelm.model.neurons import SpikingLinear, kernel_backend
 
 State = dict[str, Any]
 

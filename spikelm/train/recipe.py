@@ -4,8 +4,9 @@ A recipe is data. It is read into nested dataclasses by one generic validator th
 closest valid one) and wrong types, always naming the full key path (``optim.lr``), before any work starts. Values
 and combinations are checked by each section's ``__post_init__`` and by :meth:`Recipe.validate`.
 
-The ``data:`` and ``tokenizer:`` sections are :class:`spikelm.data.DataConfig` / :class:`spikelm.data.TokenizerConfig`;
-the ``model:`` section is a ``preset`` plus any :class:`~spikelm.config.SpikeLMConfig` field as an override.
+The ``data:`` and ``tokenizer:`` sections are :class:`spikelm.train.data_sources.DataConfig` /
+:class:`spikelm.train.data_sources.TokenizerConfig`;
+the ``model:`` section is a ``preset`` plus any :class:`~spikelm.model.config.SpikeLMConfig` field as an override.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from typing import Any, Literal
 
 import yaml
 
-from spikelm.config import PRESETS, SpikeLMConfig
-from spikelm.data import DataConfig, TokenizerConfig
 from spikelm.errors import SpikeLMError
+from spikelm.model.config import PRESETS, SpikeLMConfig
+from spikelm.train.data import DataConfig, TokenizerConfig
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -77,7 +78,7 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay to ``min_lr`` (see :mod:`spikelm.schedule`)."""
+    """AdamW with linear warmup then cosine decay to ``min_lr`` (see :mod:`spikelm.train.schedule`)."""
 
     lr: float = 1e-3
     """Peak learning rate, reached at the end of warmup."""
@@ -186,7 +187,7 @@ class ModelSection:
     """
 
     preset: str = "tiny"
-    """One of :data:`spikelm.config.PRESETS`."""
+    """One of :data:`spikelm.model.config.PRESETS`."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """SpikeLMConfig fields that replace the preset's values."""
 
@@ -230,7 +231,7 @@ class Recipe:
     name: str
     """Run name: the default run directory is ``runs/<name>``."""
     data: DataConfig
-    """Where the text comes from (see :class:`spikelm.data.DataConfig`)."""
+    """Where the text comes from (see :class:`spikelm.train.data.DataConfig`)."""
     seed: int = 0
     """Seeds model init, data order and sampling."""
     model: ModelSection = field(default_factory=ModelSection)

@@ -1,4 +1,4 @@
-"""ChannelMix: the per-token feed-forward half of a block (DESIGN.md, "ChannelMix").
+"""ChannelMix: the per-token feed-forward half of a block (docs/design.md, "ChannelMix").
 
 ``k = relu(W_k s_k(x_k))^2``, ``out = sigmoid(W_r s_r(x_r)) * W_v s_v(k)``, with ``x_k``/``x_r`` token-shift mixes
 of ``x_t`` and ``x_{t-1}`` and ``s_*`` spike sites.
@@ -12,9 +12,9 @@ import torch
 from torch import Tensor, nn
 from transformers import initialization as init
 
-from spikelm.config import SpikeLMConfig
-from spikelm.neurons import SpikingLinear
-from spikelm.time_mix import State, _SpikingMix, channel_ramp, mask_tokens
+from spikelm.model.config import SpikeLMConfig
+from spikelm.model.neurons import SpikingLinear
+from spikelm.model.time_mix import State, _SpikingMix, channel_ramp, mask_tokens
 
 
 class ChannelMix(_SpikingMix):

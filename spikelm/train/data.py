@@ -18,8 +18,6 @@ same global size and runs with different world sizes (same global batch) see the
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -27,12 +25,13 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from spikelm.data_sources import (
+from spikelm.errors import SpikeLMError
+from spikelm.train.data_sources import (
     DataConfig,
     TokenizerConfig,
     document_bucket,
@@ -43,8 +42,8 @@ from spikelm.data_sources import (
     source_fingerprint,
     split_documents,
 )
-from spikelm.errors import SpikeLMError
-from spikelm.tokenizer_cache import check_vocab, prepare_tokenizer, tokenizer_fingerprint
+from spikelm.train.dist import file_lock, rank_zero_first
+from spikelm.train.tokenizer_cache import check_vocab, prepare_tokenizer, tokenizer_fingerprint
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -53,49 +52,6 @@ if TYPE_CHECKING:
 # Bump when the packed format or the packing rule changes, so old cache directories are not reused.
 DATA_CACHE_VERSION = 1
 SPLITS = ("train", "heldout")
-_T = TypeVar("_T")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Building once across processes
-
-
-def _dist_world() -> tuple[int, int] | None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return None
-
-
-def rank_zero_first(build: Callable[[], _T]) -> _T:
-    """Run ``build`` on rank 0, then on the other ranks (which find rank 0's cache entry, or build their own when the
-    cache is node-local). Without an initialised process group, just run it.
-
-    Rank 0 enters the barrier even when ``build`` raises, so the other ranks do not hang: they run ``build`` too and
-    meet the same error.
-    """
-    world = _dist_world()
-    if world is None or world[1] == 1:
-        return build()
-    if world[0] == 0:
-        try:
-            return build()
-        finally:
-            torch.distributed.barrier()
-    torch.distributed.barrier()
-    return build()
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path``: processes on one machine (e.g. ranks before ``init_process_group``) that
-    share a cache build each entry once; the others wait, then find it built."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -612,6 +568,4 @@ __all__ = [
     "BatchLoader",
     "HeldoutLoader",
     "heldout_text",
-    "rank_zero_first",
-    "file_lock",
 ]

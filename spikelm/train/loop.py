@@ -1,22 +1,17 @@
-"""``spikelm train RECIPE``: recipe -> tokenizer, data, model, DeepSpeed engine -> one explicit training loop.
+"""The training loop of ``spikelm train``: recipe -> tokenizer, data, model, DeepSpeed engine -> one explicit loop.
 
-One process on CPU or one GPU needs no launcher (the rendezvous variables get single-process defaults).
-``--nproc-per-node N`` re-launches this command under ``torchrun`` (gloo on CPU, NCCL on GPU) and ``--hostfile FILE``
-under the ``deepspeed`` launcher. Everything a run writes lives in its run directory (``--out``, default
-``runs/<recipe name>``): ``recipe.yaml``, ``metrics.jsonl``, ``tb/``, ``checkpoints/``, ``export/``.
+``train`` runs one rank of the job (the command in ``spikelm.commands.train`` launches the ranks). Everything a run
+writes lives in its run directory: ``recipe.yaml``, ``metrics.jsonl``, ``tb/``, ``checkpoints/``, ``export/``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +21,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from spikelm.checkpoint import (
+from spikelm.errors import SpikeLMError
+from spikelm.measure.sparsity import SparsityMonitor
+from spikelm.train.checkpoint import (
     check_model_shape,
     find_latest_checkpoint,
     load_checkpoint,
@@ -36,114 +33,12 @@ from spikelm.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from spikelm.errors import SpikeLMError
-from spikelm.recipe import Recipe, load_recipe
-from spikelm.schedule import lr_at
-
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "shakespeare-tiny.yaml"
+from spikelm.train.recipe import Recipe
+from spikelm.train.schedule import lr_at
 
 
 class TrainingDiverged(SpikeLMError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-# ------------------------------------------------------------------------------------------------ arguments
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``spikelm train``."""
-    parser.add_argument("recipe", nargs="?", type=Path, default=DEFAULT_RECIPE,
-                        help=f"YAML recipe (default: {DEFAULT_RECIPE.name}, the 5-minute CPU run)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a recipe field, e.g. --set optim.lr=3e-4 (repeatable)")
-    parser.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<recipe name>)")
-    parser.add_argument("--resume", type=Path, default=None,
-                        help="resume from this checkpoint folder (default: the run directory's latest, if any)")
-    parser.add_argument("--no-resume", action="store_true",
-                        help="start from step 0 even if the run directory has checkpoints")
-    parser.add_argument("--nproc-per-node", "--gpus", type=int, default=1,
-                        help="processes on this node (one per GPU; on CPU, gloo processes); --gpus is the same")
-    parser.add_argument("--hostfile", type=Path, default=None,
-                        help="DeepSpeed hostfile ('host slots=N' lines) for multi-node runs via the deepspeed launcher")
-    parser.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
-    parser.add_argument("--stop-at-step", type=int, default=None,
-                        help="checkpoint and stop after this step, as on SIGTERM (split a run into sessions)")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="tokenizer/data cache (default: $SPIKELM_CACHE or ~/.cache/spikelm)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-# ------------------------------------------------------------------------------------------------ environment
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _prepare_environment(master_port: int | None) -> None:
-    """Single-process rendezvous defaults, CPU accelerator and extension cache; must run before importing deepspeed."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "spikelm" / "torch_extensions"))
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(master_port or _free_port())
-
-
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise SpikeLMError(f"the run directory {str(out)!r} is not writable ({err.strerror}); pass --out to a "
-                           "directory you can write") from err
-
-
-def _child_argv(args: argparse.Namespace) -> list[str]:
-    """This command's arguments for the launched processes (without the launcher options)."""
-    argv = ["train", str(args.recipe.resolve())]
-    for text in args.overrides:
-        argv += ["--set", text]
-    argv += ["--out", str(args.out.resolve())]
-    if args.resume is not None:
-        argv += ["--resume", str(args.resume.resolve())]
-    if args.no_resume:
-        argv.append("--no-resume")
-    if args.stop_at_step is not None:
-        argv += ["--stop-at-step", str(args.stop_at_step)]
-    if args.cache_dir is not None:
-        argv += ["--cache-dir", str(args.cache_dir.resolve())]
-    if args.no_progress:
-        argv.append("--no-progress")
-    return argv
-
-
-def _launch(args: argparse.Namespace) -> int:
-    """Re-run this command under torchrun (one node) or the deepspeed launcher (hostfile) and wait for it."""
-    port = str(args.master_port or _free_port())
-    child = _child_argv(args)
-    env = {**os.environ, "SPIKELM_LAUNCHED": "1"}
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"
-    if args.hostfile is not None:
-        if not args.hostfile.is_file():
-            raise SpikeLMError(f"--hostfile {str(args.hostfile)!r} does not exist")
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(args.hostfile),
-               "--master_port", port]
-        if args.nproc_per_node > 1:
-            cmd += ["--num_gpus", str(args.nproc_per_node)]
-        cmd += ["--module", "spikelm.cli", *child]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc_per_node),
-               "--master_port", port, "-m", "spikelm.cli", *child]
-    print("spikelm train: launching " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=env)
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -242,11 +137,7 @@ def _mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
 
 
 def _sparsity_monitor(model: torch.nn.Module) -> Any:
-    """``spikelm.sparsity.SparsityMonitor(model)`` if that module exists, else ``None`` (training never needs it)."""
-    try:
-        from spikelm.sparsity import SparsityMonitor
-    except ImportError:
-        return None
+    """A ``SparsityMonitor(model)``, or ``None`` if it cannot watch this model (training never needs it)."""
     try:
         return SparsityMonitor(model)
     except Exception as err:  # a monitor problem must not stop training
@@ -301,33 +192,15 @@ def _sample(model: Any, tokenizer: Any, prompt: str, new_tokens: int, seed: int,
 # ------------------------------------------------------------------------------------------------ the run
 
 
-def run(args: argparse.Namespace) -> int:
-    """``spikelm train``: validate everything, then train (or launch the processes that will)."""
-    recipe = load_recipe(args.recipe, args.overrides)
-    args.out = args.out or Path("runs") / recipe.name
-    if args.nproc_per_node < 1:
-        raise SpikeLMError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
-    if args.stop_at_step is not None and args.stop_at_step < 1:
-        raise SpikeLMError(f"--stop-at-step must be >= 1, got {args.stop_at_step}")
-    if args.resume is not None and not args.resume.is_dir():
-        raise SpikeLMError(f"--resume {str(args.resume)!r} is not a checkpoint folder")
-    _check_writable(args.out)
-    if (args.nproc_per_node > 1 or args.hostfile is not None) and not os.environ.get("SPIKELM_LAUNCHED"):
-        return _launch(args)
-    _prepare_environment(args.master_port)
-    return train(recipe, args.out, resume=args.resume, no_resume=args.no_resume, stop_at_step=args.stop_at_step,
-                 cache_dir=args.cache_dir, progress=not args.no_progress)
-
-
 def train(recipe: Recipe, run_dir: Path, *, resume: Path | None = None, no_resume: bool = False,
           stop_at_step: int | None = None, cache_dir: Path | None = None, progress: bool = True) -> int:
     """Train ``recipe`` in this process (one rank of the job); returns the exit code (0 done, 130 stopped)."""
     import deepspeed
     from tqdm.auto import tqdm
 
-    from spikelm import data as spikedata
-    from spikelm.evaluation import evaluate_lm, heldout_batches
-    from spikelm.modeling import SpikeLMForCausalLM
+    from spikelm.measure.evaluation import evaluate_lm, heldout_batches
+    from spikelm.model.modeling import SpikeLMForCausalLM
+    from spikelm.train import data as spikedata
 
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
@@ -550,5 +423,5 @@ def export(engine: Any, tokenizer: Any, run_dir: Path, *, rank: int) -> Path:
     return final
 
 
-__all__ = ["add_arguments", "run", "train", "export", "fp32_state_dict", "unigram_entropy", "lm_loss", "param_groups",
-           "TrainingDiverged", "DEFAULT_RECIPE"]
+__all__ = ["train", "export", "fp32_state_dict", "unigram_entropy", "lm_loss", "param_groups",
+           "TrainingDiverged"]

@@ -13,10 +13,10 @@ import sys
 from spikelm.errors import SpikeLMError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("spikelm.training", "pretrain a spiking LM from a YAML recipe (DeepSpeed)"),
-    "generate": ("spikelm.generation", "stream text from a saved model directory"),
-    "sparsity": ("spikelm.sparsity_cli", "measure spike statistics, synaptic operations and energy"),
-    "eval": ("spikelm.evaluation", "held-out loss, perplexity and bits per byte"),
+    "train": ("spikelm.commands.train", "pretrain a spiking LM from a YAML recipe (DeepSpeed)"),
+    "generate": ("spikelm.commands.generate", "stream text from a saved model directory"),
+    "sparsity": ("spikelm.commands.sparsity", "measure spike statistics, synaptic operations and energy"),
+    "eval": ("spikelm.commands.eval", "held-out loss, perplexity and bits per byte"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Held-out loss, perplexity and bits per byte, and the ``spikelm eval`` subcommand.
+"""Held-out loss, perplexity and bits per byte.
 
 :func:`evaluate_lm` is the one evaluation used both by the training loop's periodic eval and by ``spikelm eval``.
 Bits per byte = total NLL in bits / total UTF-8 bytes the target tokens stand for, so models with different
@@ -7,13 +7,10 @@ tokenizers can be compared.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -138,71 +135,4 @@ def blocks_from_text(text: str, tokenizer: Any, block_size: int, max_tokens: int
     return [torch.tensor(ids[i : i + block_size + 1]) for i in range(0, len(ids) - 1, block_size)]
 
 
-# --------------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``spikelm eval``."""
-    parser.add_argument("model_dir", type=Path, help="a saved model directory (e.g. runs/<name>/export)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text", type=Path, help="a UTF-8 text file to evaluate on")
-    source.add_argument("--recipe", type=Path, help="evaluate on this recipe's held-out split")
-    parser.add_argument("--tokens", type=int, default=16384, help="evaluate on at most this many tokens")
-    parser.add_argument("--block-size", type=int, default=None,
-                        help="tokens per evaluated block (default: the recipe's train.block_size, else 256)")
-    parser.add_argument("--batch-size", type=int, default=8, help="blocks per forward")
-    parser.add_argument("--json", type=Path, default=None, help="also write the result as JSON to this file")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``spikelm eval MODEL_DIR (--text FILE | --recipe RECIPE)``: print loss, perplexity and bits per byte."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import spikelm  # noqa: F401  (registers the model with the Auto classes)
-
-    if not args.model_dir.is_dir():
-        raise SpikeLMError(f"model directory {str(args.model_dir)!r} does not exist; pass e.g. runs/<name>/export")
-    if args.tokens < 1 or args.batch_size < 1:
-        raise SpikeLMError("--tokens and --batch-size must be >= 1")
-    block_size = args.block_size
-    if args.recipe is not None:
-        from spikelm.data import heldout_text
-        from spikelm.recipe import load_recipe
-
-        recipe = load_recipe(args.recipe)
-        block_size = block_size or recipe.train.block_size
-        # ~4 characters per token is generous for BPE on English; --tokens cuts the exact amount afterwards.
-        text = heldout_text(recipe.data, max_chars=args.tokens * 8)
-    else:
-        if not args.text.is_file():
-            raise SpikeLMError(f"--text {str(args.text)!r} does not exist")
-        text = args.text.read_text(encoding="utf-8")
-    block_size = block_size or 256
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    except (OSError, ValueError) as err:
-        raise SpikeLMError(f"no tokenizer in {str(args.model_dir)!r}: {err}") from err
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir).eval()
-    if len(tokenizer) > model.config.vocab_size:
-        raise SpikeLMError(f"the tokenizer in {str(args.model_dir)!r} has {len(tokenizer)} tokens but the model's "
-                           f"vocab_size is {model.config.vocab_size}; they must come from the same run")
-    blocks = blocks_from_text(text, tokenizer, block_size, args.tokens)
-    # Full blocks go in batches of --batch-size; a shorter last block goes alone.
-    full = [b for b in blocks if b.numel() == block_size + 1]
-    batches = [torch.stack(full[i : i + args.batch_size]) for i in range(0, len(full), args.batch_size)]
-    if blocks[-1].numel() != block_size + 1 and blocks[-1].numel() >= 2:
-        batches.append(blocks[-1][None])
-    from tqdm.auto import tqdm
-
-    # disable=None: a progress bar on a terminal, none in logs and pipes (as `spikelm sparsity`)
-    result = evaluate_lm(model, tqdm(batches, unit="batch", desc="eval", disable=None), tokenizer)
-    bpb = f"{result.bits_per_byte:.4f}" if result.bits_per_byte is not None else "n/a"
-    print(f"tokens {result.tokens}  loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  bits/byte {bpb}")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    return 0
-
-
-__all__ = ["EvalResult", "evaluate_lm", "token_byte_lengths", "heldout_batches", "blocks_from_text", "add_arguments",
-           "run"]
+__all__ = ["EvalResult", "evaluate_lm", "token_byte_lengths", "heldout_batches", "blocks_from_text"]

@@ -1,4 +1,4 @@
-"""Spiking neurons: the spike sites in front of every weight matmul (DESIGN.md, "Neurons").
+"""Spiking neurons: the spike sites in front of every weight matmul (docs/design.md, "Neurons").
 
 Every neuron maps a dense input ``x [B, T, C]`` to what the next projection consumes and reports integer-valued
 spike counts to its ``observers`` (the sparsity monitor). Four kinds, one per ``SpikeLMConfig.neuron``:
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spikelm.config import SpikeLMConfig
 from spikelm.kernels import gated_scan, lif_scan
+from spikelm.model.config import SpikeLMConfig
 
 ENCODINGS = ("binary", "ternary", "bitwise")
 

@@ -54,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from transformers import TextStreamer, set_seed
     from transformers.utils import logging as hf_logging
 
-    from spikelm.modeling import SpikeLMForCausalLM
-    from spikelm.tokenizer import load_tokenizer
+    from spikelm.model.modeling import SpikeLMForCausalLM
+    from spikelm.train.tokenizer import load_tokenizer
 
     _check_arguments(args)
     hf_logging.disable_progress_bar()  # the streamed text is the output; no "Loading weights" bar in it

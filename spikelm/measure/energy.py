@@ -1,4 +1,4 @@
-"""Per-operation energy tables for the synaptic-operation energy estimate (see DESIGN.md, "Sparsity and energy").
+"""Per-operation energy tables for the synaptic-operation energy estimate (see docs/design.md, "Sparsity and energy").
 
 A dense layer performs one multiply-accumulate (MAC) per input element per output; a spiking layer performs one
 accumulate (AC) per spike per output, because a spike of count 1 only adds a weight. The estimate is

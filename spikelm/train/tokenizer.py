@@ -110,11 +110,12 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
     directory = Path(directory)
     if not directory.is_dir():
         raise SpikeLMError(f"tokenizer directory {directory} does not exist; train one with "
-                           "spikelm.tokenizer.train_tokenizer or point at a saved model directory")
+                           "spikelm.train.tokenizer.train_tokenizer or point at a saved model directory")
     known = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
     if not any((directory / name).exists() for name in known):
         raise SpikeLMError(f"no tokenizer in {directory} (looked for {', '.join(known)}); save the tokenizer there "
-                           "with tokenizer.save_pretrained(dir) or train one with spikelm.tokenizer.train_tokenizer")
+                           "with tokenizer.save_pretrained(dir) or train one with "
+                           "spikelm.train.tokenizer.train_tokenizer")
     return AutoTokenizer.from_pretrained(str(directory))
 
 

@@ -1,4 +1,4 @@
-"""Activation sparsity, synaptic operations and energy of a spiking LM (see DESIGN.md, "Sparsity and energy").
+"""Activation sparsity, synaptic operations and energy of a spiking LM (see docs/design.md, "Sparsity and energy").
 
 Python API::
 
@@ -37,7 +37,7 @@ from types import TracebackType
 import torch
 from torch import nn
 
-from spikelm.energy import DEFAULT_ENERGY_TABLE, EnergyTable, format_energy, get_energy_table
+from spikelm.measure.energy import DEFAULT_ENERGY_TABLE, EnergyTable, format_energy, get_energy_table
 
 ENCODINGS = ("binary", "ternary", "bitwise")
 DENSE_KIND = "none"
@@ -392,7 +392,7 @@ class SparsityMonitor:
         if not self._sites:
             raise ValueError(
                 "model has no spike sites (modules with site, fan_out, kind, max_count and observers); "
-                "pass a SpikeLM model (spikelm.modeling.SpikeLMForCausalLM)"
+                "pass a SpikeLM model (spikelm.model.modeling.SpikeLMForCausalLM)"
             )
         self._names = {id(module): name for name, module in self._sites}
         self._recorders: dict[int, _SiteRecorder] = {}

@@ -1,4 +1,4 @@
-"""The spiking RWKV language model and its Hugging Face wrapper (DESIGN.md, "The model", "Hugging Face wrapper").
+"""The spiking RWKV language model and its Hugging Face wrapper (docs/design.md, "The model", "Hugging Face wrapper").
 
 ```
 x = ln_in(embed(ids))
@@ -26,10 +26,10 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from spikelm.cache import SpikeLMCache
-from spikelm.channel_mix import ChannelMix
-from spikelm.config import SpikeLMConfig
-from spikelm.neurons import (
+from spikelm.model.cache import SpikeLMCache
+from spikelm.model.channel_mix import ChannelMix
+from spikelm.model.config import SpikeLMConfig
+from spikelm.model.neurons import (
     AdaptiveNeuron,
     GatedNeuron,
     IdentityNeuron,
@@ -38,10 +38,10 @@ from spikelm.neurons import (
     SpikingNeuron,
     build_neuron,
 )
-from spikelm.time_mix import RWKV4TimeMix, RWKV6TimeMix, build_time_mix
+from spikelm.model.time_mix import RWKV4TimeMix, RWKV6TimeMix, build_time_mix
 
 # Saved models point the Auto factories at thin modules that import the installed spikelm (see spikelm/remote/).
-REMOTE_DIR = Path(__file__).parent / "remote"
+REMOTE_DIR = Path(__file__).parents[1] / "remote"
 AUTO_MAP = {
     "AutoConfig": "configuration_spikelm.SpikeLMConfig",
     "AutoModel": "modeling_spikelm.SpikeLMModel",

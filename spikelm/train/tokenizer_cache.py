@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spikelm.data_sources import (
+from spikelm.errors import SpikeLMError
+from spikelm.train.data_sources import (
     DataConfig,
     TokenizerConfig,
     document_bucket,
@@ -22,7 +23,7 @@ from spikelm.data_sources import (
     load_documents,
     split_documents,
 )
-from spikelm.errors import SpikeLMError
+from spikelm.train.dist import file_lock, rank_zero_first
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -92,7 +93,7 @@ def _training_key(tok_cfg: TokenizerConfig, sample: list[str]) -> str:
 
 
 def _train_into(tok_cfg: TokenizerConfig, sample: list[str], out_dir: Path) -> None:
-    from spikelm.tokenizer import train_tokenizer
+    from spikelm.train.tokenizer import train_tokenizer
 
     try:
         train_tokenizer(sample, tok_cfg.vocab_size, out_dir, byte_fallback=tok_cfg.byte_fallback)
@@ -105,7 +106,7 @@ def _train_into(tok_cfg: TokenizerConfig, sample: list[str], out_dir: Path) -> N
 
 
 def _load(path: Path) -> PreTrainedTokenizerBase:
-    from spikelm.tokenizer import load_tokenizer
+    from spikelm.train.tokenizer import load_tokenizer
 
     return load_tokenizer(path)
 
@@ -125,14 +126,10 @@ def prepare_tokenizer(tok_cfg: TokenizerConfig, data_cfg: DataConfig, cache_dir:
                                "tokenizer.path, or point it at a saved tokenizer")
         return _load(path)
 
-    from spikelm.data import rank_zero_first
-
     return rank_zero_first(lambda: _prepare_cached(tok_cfg, data_cfg, Path(cache_dir)))
 
 
 def _prepare_cached(tok_cfg: TokenizerConfig, data_cfg: DataConfig, cache_dir: Path) -> PreTrainedTokenizerBase:
-    from spikelm.data import file_lock
-
     sample = training_sample(data_cfg, tok_cfg.sample_chars, cache_dir)
     key = _training_key(tok_cfg, sample)
     root = cache_dir / "tokenizers"

@@ -1,0 +1,75 @@
+"""Process-group helpers shared by the data pipeline, the tokenizer cache and the training loop.
+
+Kept apart so that ``data`` and ``tokenizer_cache`` both use them without importing each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from filelock import FileLock
+
+_T = TypeVar("_T")
+
+
+def dist_world() -> tuple[int, int] | None:
+    """``(rank, world_size)`` of the initialised default process group, else ``None``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return None
+
+
+def rank_zero_first(build: Callable[[], _T]) -> _T:
+    """Run ``build`` on rank 0, then on the other ranks (which find rank 0's cache entry, or build their own when the
+    cache is node-local). Without an initialised process group, just run it.
+
+    Rank 0 enters the barrier even when ``build`` raises, so the other ranks do not hang: they run ``build`` too and
+    meet the same error.
+    """
+    world = dist_world()
+    if world is None or world[1] == 1:
+        return build()
+    if world[0] == 0:
+        try:
+            return build()
+        finally:
+            torch.distributed.barrier()
+    torch.distributed.barrier()
+    return build()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path``: processes on one machine (e.g. ranks before ``init_process_group``) that share
+    a cache build each entry once; the others wait, then find it built."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path)):
+        yield
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the rendezvous port of a launch)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_environment(master_port: int | None = None) -> None:
+    """Single-process rendezvous defaults, CPU accelerator and extension cache; must run before importing deepspeed."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "spikelm" / "torch_extensions"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(master_port or free_port())
+
+
+__all__ = ["dist_world", "rank_zero_first", "file_lock", "free_port", "prepare_environment"]
