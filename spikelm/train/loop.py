@@ -14,6 +14,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,22 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+class Throughput:
+    """Training tokens per second between logging steps, with pauses (evaluation) left out."""
+
+    def __init__(self, tokens_seen: int) -> None:
+        self.last_time, self.last_tokens = time.perf_counter(), tokens_seen
+
+    def restart(self) -> None:
+        self.last_time = time.perf_counter()
+
+    def tokens_per_s(self, tokens_seen: int) -> float:
+        now = time.perf_counter()
+        rate = (tokens_seen - self.last_tokens) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_tokens = now, tokens_seen
+        return rate
+
+
 def _all_ranks_any(flag: bool, world_size: int) -> bool:
     if world_size == 1:
         return flag
@@ -192,25 +209,83 @@ def _sample(model: Any, tokenizer: Any, prompt: str, new_tokens: int, seed: int,
 # ------------------------------------------------------------------------------------------------ the run
 
 
+@dataclass
+class Run:
+    """One rank's training state: what ``setup`` builds and the loop, ``evaluate`` and ``save`` share."""
+
+    recipe: Recipe
+    run_dir: Path
+    rank: int
+    world_size: int
+    device: torch.device
+    tokenizer: Any
+    config: Any
+    engine: Any
+    optimizer: torch.optim.Optimizer
+    loader: Any
+    eval_batches: Any
+    metrics: MetricsLog
+    total_steps: int
+    tokens_per_step: int
+    step: int = 0
+    tokens_seen: int = 0
+    saved_step: int = -1  # the step of the last checkpoint written or resumed from
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def say(self, message: str) -> None:
+        if self.is_main:
+            print(message)
+
+
 def train(recipe: Recipe, run_dir: Path, *, resume: Path | None = None, no_resume: bool = False,
           stop_at_step: int | None = None, cache_dir: Path | None = None, progress: bool = True) -> int:
     """Train ``recipe`` in this process (one rank of the job); returns the exit code (0 done, 130 stopped)."""
-    import deepspeed
     from tqdm.auto import tqdm
 
-    from spikelm.measure.evaluation import evaluate_lm, heldout_batches
+    run = setup(recipe, run_dir, resume=resume, no_resume=no_resume, cache_dir=cache_dir)
+    bar = tqdm(total=run.total_steps, initial=run.step, disable=not (run.is_main and progress), unit="step",
+               dynamic_ncols=True)
+    throughput = Throughput(run.tokens_seen)
+    stopped_by: str | None = None
+    with StopSignal() as stop, contextlib.closing(bar):
+        while run.step < run.total_steps:
+            log_now = (run.step + 1) % recipe.logging.every_steps == 0 or run.step + 1 == run.total_steps
+            row = train_step(run, with_grad_norm=log_now)
+            bar.update(1)
+            if log_now:
+                row.update(tokens_per_s=throughput.tokens_per_s(run.tokens_seen), time=time.time())
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:,.0f}")
+            else:
+                del row["grad_norm"]
+            run.metrics.write(row)
+            if recipe.eval.every_steps and run.step % recipe.eval.every_steps == 0 and run.step < run.total_steps:
+                evaluate(run, write=bar.write)
+                throughput.restart()  # eval time does not count against training throughput
+            if recipe.checkpoint.every_steps and run.step % recipe.checkpoint.every_steps == 0:
+                save(run)
+            if _all_ranks_any(stop.received is not None or run.step == stop_at_step, run.world_size):
+                stopped_by = "signal" if stop.received is not None else f"--stop-at-step {stop_at_step}"
+                break
+    return finish(run, stopped_by, write=bar.write)
+
+
+def setup(recipe: Recipe, run_dir: Path, *, resume: Path | None, no_resume: bool, cache_dir: Path | None) -> Run:
+    """Process group, tokenizer, data, model, DeepSpeed engine and optimizer; then the resume point, if any."""
+    import deepspeed
+
+    from spikelm.measure.evaluation import heldout_batches
     from spikelm.model.modeling import SpikeLMForCausalLM
     from spikelm.train import data as spikedata
 
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    is_main = rank == 0
-    say = print if is_main else (lambda *a, **k: None)
     cache_dir = cache_dir or Path(os.environ.get("SPIKELM_CACHE", Path.home() / ".cache" / "spikelm"))
 
     # Tokenizer and data (both build their caches on rank 0 first; the other ranks then read them).
@@ -243,8 +318,6 @@ def train(recipe: Recipe, run_dir: Path, *, resume: Path | None = None, no_resum
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     loader = spikedata.BatchLoader(train_blocks, recipe.train.micro_batch_size, rank=rank, world_size=world_size,
                                    seed=recipe.seed)
-    total_steps = recipe.train.total_steps(world_size)
-    tokens_per_step = recipe.train.tokens_per_step(world_size)
     step, tokens_seen = 0, 0
     if checkpoint is not None:
         trainer_state, rank_state = load_checkpoint(engine, checkpoint, rank=rank, world_size=world_size,
@@ -252,126 +325,133 @@ def train(recipe: Recipe, run_dir: Path, *, resume: Path | None = None, no_resum
         step, tokens_seen = trainer_state["step"], trainer_state["tokens_seen"]
         loader.load_state_dict(rank_state["loader"])
         set_rng_state(rank_state["rng"])
-        say(f"resumed from {checkpoint} at step {step}")
 
-    if is_main:
+    run = Run(recipe=recipe, run_dir=run_dir, rank=rank, world_size=world_size, device=device, tokenizer=tokenizer,
+              config=config, engine=engine, optimizer=optimizer, loader=loader,
+              eval_batches=heldout_batches(heldout_blocks, recipe.train.micro_batch_size, recipe.eval.max_batches,
+                                           rank=rank, world_size=world_size),
+              metrics=MetricsLog(run_dir, enabled=rank == 0, tensorboard=recipe.logging.tensorboard,
+                                 resume_step=step),
+              total_steps=recipe.train.total_steps(world_size),
+              tokens_per_step=recipe.train.tokens_per_step(world_size),
+              step=step, tokens_seen=tokens_seen, saved_step=step if checkpoint is not None else -1)
+    if checkpoint is not None:
+        run.say(f"resumed from {checkpoint} at step {step}")
+    if run.is_main:
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    _describe(run, train_blocks, heldout_blocks)
+    return run
+
+
+def _describe(run: Run, train_blocks: Any, heldout_blocks: Any) -> None:
+    """The run's size, batch, data and the loss to beat, printed once by rank 0."""
+    recipe, model = run.recipe, run.engine.module
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 partitions parameters
-    say(f"spikelm train: {recipe.name}: {n_params / 1e6:.2f}M parameters, vocab {config.vocab_size}, "
-        f"{world_size} rank(s) on {device.type}, ZeRO {recipe.deepspeed.zero_stage}, {recipe.precision}")
-    say(f"global batch = {recipe.train.micro_batch_size} micro x {recipe.train.grad_accum} accum x {world_size} "
-        f"ranks = {recipe.train.micro_batch_size * recipe.train.grad_accum * world_size} sequences = "
-        f"{tokens_per_step} tokens/step; {total_steps} steps = {total_steps * tokens_per_step / 1e6:.2f}M tokens")
+    run.say(f"spikelm train: {recipe.name}: {n_params / 1e6:.2f}M parameters, vocab {run.config.vocab_size}, "
+            f"{run.world_size} rank(s) on {run.device.type}, ZeRO {recipe.deepspeed.zero_stage}, {recipe.precision}")
+    sequences = recipe.train.micro_batch_size * recipe.train.grad_accum * run.world_size
+    run.say(f"global batch = {recipe.train.micro_batch_size} micro x {recipe.train.grad_accum} accum x "
+            f"{run.world_size} ranks = {sequences} sequences = {run.tokens_per_step} tokens/step; {run.total_steps} "
+            f"steps = {run.total_steps * run.tokens_per_step / 1e6:.2f}M tokens")
     n_train = f"{len(train_blocks)} blocks" if hasattr(train_blocks, "__len__") else "streaming"
-    say(f"train data: {n_train}; held-out: {len(heldout_blocks)} blocks; run directory: {run_dir}")
-    entropy = unigram_entropy(train_blocks, config.vocab_size) if is_main else None
+    run.say(f"train data: {n_train}; held-out: {len(heldout_blocks)} blocks; run directory: {run.run_dir}")
+    entropy = unigram_entropy(train_blocks, run.config.vocab_size) if run.is_main else None
     if entropy is not None:
-        say(f"unigram entropy of the training tokens: {entropy:.3f} nats/token (the loss to beat)")
+        run.say(f"unigram entropy of the training tokens: {entropy:.3f} nats/token (the loss to beat)")
 
-    metrics = MetricsLog(run_dir, enabled=is_main, tensorboard=recipe.logging.tensorboard, resume_step=step)
-    eval_batches = heldout_batches(heldout_blocks, recipe.train.micro_batch_size, recipe.eval.max_batches,
-                                   rank=rank, world_size=world_size)
 
-    def save(at_step: int) -> Path:
-        trainer_state = {"step": at_step, "tokens_seen": tokens_seen, "world_size": world_size,
-                         "zero_stage": recipe.deepspeed.zero_stage,
-                         "recipe": recipe.to_dict(), "model_config": config.to_dict()}
-        rank_state = {"rng": rng_state(), "loader": loader.state_dict()}
-        return save_checkpoint(engine, run_dir, at_step, trainer_state, rank_state, rank=rank,
-                               keep_last=recipe.checkpoint.keep_last)
+def train_step(run: Run, *, with_grad_norm: bool) -> dict[str, Any]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics row.
 
-    def evaluate(at_step: int) -> dict[str, Any]:
-        engine.eval()
-        monitor = _sparsity_monitor(engine.module)
-        with monitor if monitor is not None else contextlib.nullcontext():
-            result = evaluate_lm(engine, eval_batches, tokenizer, device=device)
-        row: dict[str, Any] = {"kind": "eval", "step": at_step, **result.to_dict()}
-        if monitor is not None:
-            row.update(_sparsity_summary(monitor))
-        if recipe.eval.sample_prompt and recipe.eval.sample_tokens:
-            # Every rank generates (ZeRO-3 gathers parameters collectively); rank 0 prints.
-            row["sample"] = _sample(engine.module, tokenizer, recipe.eval.sample_prompt, recipe.eval.sample_tokens,
-                                    recipe.seed, device)
-        engine.train()
-        bpb = f"{result.bits_per_byte:.3f}" if result.bits_per_byte is not None else "n/a"
-        message = f"eval step {at_step}: loss {result.loss:.4f}  ppl {result.perplexity:.2f}  bits/byte {bpb}"
-        if "zero_fraction" in row:
-            message += f"  zero fraction {row['zero_fraction']:.3f}"
-        (tqdm.write if is_main else (lambda *_: None))(message + (f"\n  sample: {row['sample']!r}" if "sample" in row
-                                                                  else ""))
-        metrics.write(row)
-        return row
+    Raises ``TrainingDiverged`` before any weight changes if a micro-batch's loss is not finite.
+    """
+    recipe, engine, optim = run.recipe, run.engine, run.recipe.optim
+    lr = lr_at(run.step, lr=optim.lr, min_lr=optim.min_lr, warmup_steps=optim.warmup_steps,
+               total_steps=run.total_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    step_loss, grad_norm = 0.0, None
+    for _ in range(recipe.train.grad_accum):
+        batch = next(run.loader).to(run.device)  # [micro, block_size + 1]
+        loss = lm_loss(engine(input_ids=batch[:, :-1]).logits, batch[:, 1:])
+        micro_loss = _mean_over_ranks(loss, run.world_size)
+        if not math.isfinite(micro_loss):
+            raise TrainingDiverged(
+                f"the loss became {micro_loss} at step {run.step + 1} (lr {lr:.3g}); stopped before updating "
+                "the weights. The last good checkpoint is kept; lower optim.lr or raise "
+                "optim.warmup_steps and resume")
+        engine.backward(loss)
+        if with_grad_norm and engine.is_gradient_accumulation_boundary() and recipe.deepspeed.zero_stage == 0:
+            grad_norm = _grad_norm(engine.module)  # all-reduced by the boundary backward, cleared by the step
+        engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+        step_loss += micro_loss / recipe.train.grad_accum
+    if grad_norm is None and with_grad_norm and engine.get_global_grad_norm() is not None:
+        grad_norm = float(engine.get_global_grad_norm())  # ZeRO >= 1 records it in step()
+    run.step += 1
+    run.tokens_seen += run.tokens_per_step
+    return {"kind": "train", "step": run.step, "loss": step_loss, "lr": lr, "tokens": run.tokens_seen,
+            "grad_norm": grad_norm}
 
-    bar = tqdm(total=total_steps, initial=step, disable=not (is_main and progress), unit="step", dynamic_ncols=True)
-    last_time, last_tokens = time.perf_counter(), tokens_seen
-    stopped_by: str | None = None
-    try:
-        with StopSignal() as stop:
-            while step < total_steps:
-                lr = lr_at(step, lr=optim.lr, min_lr=optim.min_lr, warmup_steps=optim.warmup_steps,
-                           total_steps=total_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                step_loss, grad_norm = 0.0, None
-                log_now = (step + 1) % recipe.logging.every_steps == 0 or step + 1 == total_steps
-                for _ in range(recipe.train.grad_accum):
-                    batch = next(loader).to(device)  # [micro, block_size + 1]
-                    inputs, targets = batch[:, :-1], batch[:, 1:]
-                    loss = lm_loss(engine(input_ids=inputs).logits, targets)
-                    micro_loss = _mean_over_ranks(loss, world_size)
-                    if not math.isfinite(micro_loss):
-                        raise TrainingDiverged(
-                            f"the loss became {micro_loss} at step {step + 1} (lr {lr:.3g}); stopped before updating "
-                            "the weights. The last good checkpoint is kept; lower optim.lr or raise "
-                            "optim.warmup_steps and resume")
-                    engine.backward(loss)
-                    if log_now and engine.is_gradient_accumulation_boundary() and recipe.deepspeed.zero_stage == 0:
-                        # Gradients are all-reduced by the boundary backward and cleared by the step.
-                        grad_norm = _grad_norm(engine.module)
-                    engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
-                    step_loss += micro_loss / recipe.train.grad_accum
-                step += 1
-                tokens_seen += tokens_per_step
-                bar.update(1)
-                if log_now:
-                    if grad_norm is None and engine.get_global_grad_norm() is not None:
-                        grad_norm = float(engine.get_global_grad_norm())  # ZeRO >= 1 records it in step()
-                    now = time.perf_counter()
-                    tokens_per_s = (tokens_seen - last_tokens) / max(now - last_time, 1e-9)
-                    last_time, last_tokens = now, tokens_seen
-                    metrics.write({"kind": "train", "step": step, "loss": step_loss, "lr": lr, "tokens": tokens_seen,
-                                   "tokens_per_s": tokens_per_s, "grad_norm": grad_norm, "time": time.time()})
-                    bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-                else:
-                    metrics.write({"kind": "train", "step": step, "loss": step_loss, "lr": lr,
-                                   "tokens": tokens_seen})
-                if recipe.eval.every_steps and step % recipe.eval.every_steps == 0 and step < total_steps:
-                    evaluate(step)
-                    last_time = time.perf_counter()  # do not count eval time against training throughput
-                if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0:
-                    save(step)
-                if _all_ranks_any(stop.received is not None or step == stop_at_step, world_size):
-                    stopped_by = "signal" if stop.received is not None else f"--stop-at-step {stop_at_step}"
-                    break
-    finally:
-        bar.close()
 
+def evaluate(run: Run, *, write: Any = print) -> dict[str, Any]:
+    """Held-out loss, bits per byte and zero fraction (and a short sample) at the current step; every rank takes
+    part, rank 0 prints through ``write`` and logs the row."""
+    from spikelm.measure.evaluation import evaluate_lm
+
+    engine, recipe = run.engine, run.recipe
+    engine.eval()
+    monitor = _sparsity_monitor(engine.module)
+    with monitor if monitor is not None else contextlib.nullcontext():
+        result = evaluate_lm(engine, run.eval_batches, run.tokenizer, device=run.device)
+    row: dict[str, Any] = {"kind": "eval", "step": run.step, **result.to_dict()}
+    if monitor is not None:
+        row.update(_sparsity_summary(monitor))
+    if recipe.eval.sample_prompt and recipe.eval.sample_tokens:
+        # Every rank generates (ZeRO-3 gathers parameters collectively); rank 0 prints.
+        row["sample"] = _sample(engine.module, run.tokenizer, recipe.eval.sample_prompt, recipe.eval.sample_tokens,
+                                recipe.seed, run.device)
+    engine.train()
+    bpb = f"{result.bits_per_byte:.3f}" if result.bits_per_byte is not None else "n/a"
+    message = f"eval step {run.step}: loss {result.loss:.4f}  ppl {result.perplexity:.2f}  bits/byte {bpb}"
+    if "zero_fraction" in row:
+        message += f"  zero fraction {row['zero_fraction']:.3f}"
+    if "sample" in row:
+        message += f"\n  sample: {row['sample']!r}"
+    if run.is_main:
+        write(message)
+    run.metrics.write(row)
+    return row
+
+
+def save(run: Run) -> None:
+    """A checkpoint of the current step (atomic; pruned to ``checkpoint.keep_last``); collective."""
+    recipe = run.recipe
+    trainer_state = {"step": run.step, "tokens_seen": run.tokens_seen, "world_size": run.world_size,
+                     "zero_stage": recipe.deepspeed.zero_stage,
+                     "recipe": recipe.to_dict(), "model_config": run.config.to_dict()}
+    rank_state = {"rng": rng_state(), "loader": run.loader.state_dict()}
+    save_checkpoint(run.engine, run.run_dir, run.step, trainer_state, rank_state, rank=run.rank,
+                    keep_last=recipe.checkpoint.keep_last)
+    run.saved_step = run.step
+
+
+def finish(run: Run, stopped_by: str | None, *, write: Any = print) -> int:
+    """After the loop: checkpoint what is not saved yet; when training is complete, the final eval and the export."""
     if stopped_by is not None:
-        if recipe.checkpoint.every_steps == 0 or step % recipe.checkpoint.every_steps:
-            save(step)
-        say(f"spikelm train: stopped by {stopped_by} after step {step}; checkpoint saved. Run the same command "
-            "again to resume.")
-        metrics.close()
+        if run.saved_step != run.step:
+            save(run)
+        run.say(f"spikelm train: stopped by {stopped_by} after step {run.step}; checkpoint saved. Run the same "
+                "command again to resume.")
+        run.metrics.close()
         return 130 if stopped_by == "signal" else 0
-
-    final_eval = evaluate(step)
-    if not recipe.checkpoint.every_steps or step % recipe.checkpoint.every_steps:
-        save(step)
-    if recipe.export.enabled:
-        export_dir = export(engine, tokenizer, run_dir, rank=rank)
-        say(f"exported the model and tokenizer to {export_dir}")
-    metrics.close()
-    say(f"done: {step} steps, {tokens_seen / 1e6:.2f}M tokens, held-out loss {final_eval['loss']:.4f}")
+    final_eval = evaluate(run, write=write)
+    if run.saved_step != run.step:
+        save(run)
+    if run.recipe.export.enabled:
+        export_dir = export(run.engine, run.tokenizer, run.run_dir, rank=run.rank)
+        run.say(f"exported the model and tokenizer to {export_dir}")
+    run.metrics.close()
+    run.say(f"done: {run.step} steps, {run.tokens_seen / 1e6:.2f}M tokens, held-out loss {final_eval['loss']:.4f}")
     return 0
 
 
@@ -423,5 +503,5 @@ def export(engine: Any, tokenizer: Any, run_dir: Path, *, rank: int) -> Path:
     return final
 
 
-__all__ = ["train", "export", "fp32_state_dict", "unigram_entropy", "lm_loss", "param_groups",
-           "TrainingDiverged"]
+__all__ = ["train", "setup", "train_step", "evaluate", "save", "finish", "Run", "export", "fp32_state_dict",
+           "unigram_entropy", "lm_loss", "param_groups", "TrainingDiverged"]
