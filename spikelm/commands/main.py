@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("spikelm.commands.generate", "stream text from a saved model directory"),
     "sparsity": ("spikelm.commands.sparsity", "measure spike statistics, synaptic operations and energy"),
     "eval": ("spikelm.commands.eval", "held-out loss, perplexity and bits per byte"),
+    "plan": ("spikelm.commands.plan", "parameters, FLOPs, memory per GPU and wall time of a recipe, before launch"),
 }
 
 
