@@ -175,3 +175,125 @@ def test_build_neuron_kinds(kind, cls, max_count, stateful):
     assert isinstance(neuron, cls) and isinstance(neuron, SpikingNeuron)
     assert (neuron.kind, neuron.max_count, neuron.stateful, neuron.fan_out) == (kind, max_count, stateful, 12)
     assert neuron.observers == []
+
+
+def lsq_reference(x, scale, max_spikes, clipped, grad_scale):
+    """LSQ written with plain autograd ops: y = a s round(clamp(x / (a s))), a = mean|x| per token (no gradient),
+    s's gradient scaled by grad_scale; the x gradient is the STE (unchanged, clamp included) or the clipped STE."""
+    mean_abs = x.detach().abs().mean(-1, keepdim=True).clamp(min=AdaptiveNeuron.eps)
+    s = scale * grad_scale + (scale - scale * grad_scale).detach()  # value s, gradient times grad_scale
+    threshold = mean_abs * s
+    source = x if clipped else x.detach()
+    u = torch.clamp(source / threshold, -max_spikes, max_spikes)
+    y = (torch.round(u) - u).detach() + u  # round with a straight-through gradient
+    y = y * threshold
+    return y if clipped else y + x - x.detach()
+
+
+@pytest.mark.parametrize("mode", ["site", "channel"])
+@pytest.mark.parametrize("surrogate", ["ste", "clipped"])
+def test_learned_scale_matches_lsq_reference_values_and_gradients(mode, surrogate):
+    torch.manual_seed(0)
+    neuron = AdaptiveNeuron(fan_out=5, k=0.4, max_spikes=2, scale=mode, channels=16, surrogate=surrogate)
+    with torch.no_grad():  # distinct per-channel multipliers, so a per-channel sum in the wrong order would show
+        neuron.step_scale.copy_(torch.linspace(0.3, 3.0, neuron.step_scale.numel()))
+    # heavy tails: some channels clip at max_spikes, many round to zero
+    x = (torch.randn(3, 7, 16) * torch.rand(3, 7, 16).pow(4) * 6).requires_grad_()
+    seen = []
+    neuron.observers.append(lambda n, counts, mask: seen.append(counts))
+    y, _ = neuron(x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    x_ref = x.detach().clone().requires_grad_()
+    scale_ref = neuron.step_scale.detach().clone().requires_grad_()
+    y_ref = lsq_reference(x_ref, scale_ref, 2, surrogate == "clipped", 1.0 / math.sqrt(x.numel() / scale_ref.numel()
+                                                                                          * 2))
+    y_ref.backward(grad)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(neuron.step_scale.grad, scale_ref.grad)
+    counts = seen[0]
+    assert torch.equal(counts, torch.round(counts)) and counts.abs().max() == 2  # integer counts, some clipped
+    assert (counts == 0).float().mean() > 0.3
+    clipped_any = (x.detach() / (x.detach().abs().mean(-1, keepdim=True) * neuron.step_scale.detach())).abs() > 2
+    assert clipped_any.any()
+    if surrogate == "clipped":
+        assert torch.equal(x.grad[clipped_any], torch.zeros_like(x.grad[clipped_any]))
+    else:
+        assert torch.equal(x.grad, grad)
+
+
+def test_learned_scale_starts_as_the_fixed_rule_and_infers_like_it_trains():
+    torch.manual_seed(1)
+    fixed = AdaptiveNeuron(fan_out=4, k=0.4)
+    learned = AdaptiveNeuron(fan_out=4, k=0.4, scale="channel", channels=8)
+    torch.testing.assert_close(learned.step_scale.detach(), torch.full((8,), 2.5))
+    x = torch.randn(2, 5, 8)
+    counts = {}
+    for name, neuron in (("fixed", fixed), ("learned", learned)):
+        neuron.observers.append(lambda n, c, m, name=name: counts.setdefault(name, []).append(c))
+        with torch.no_grad():
+            y_eval, _ = neuron(x)
+        y_train, _ = neuron(x.clone().requires_grad_())
+        torch.testing.assert_close(y_eval, y_train.detach())
+    assert torch.equal(counts["fixed"][0], counts["learned"][0])
+    assert not learned.fires_like(AdaptiveNeuron(fan_out=4, k=0.4, scale="channel", channels=8))
+    with pytest.raises(ValueError, match="channels"):
+        AdaptiveNeuron(fan_out=4, scale="channel")
+
+
+def test_phase_in_blends_dense_input_and_spikes():
+    torch.manual_seed(2)
+    neuron = AdaptiveNeuron(fan_out=4, k=0.4)
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    spikes, _ = neuron(x.detach())
+    seen = []
+    neuron.observers.append(lambda n, c, m: seen.append(c))
+    neuron.mix = 0.25
+    y, _ = neuron(x)
+    torch.testing.assert_close(y, x + 0.25 * (spikes - x))
+    assert torch.equal(seen[0], torch.round(seen[0])) and (seen[0] == 0).any()  # observers still see counts
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(x))  # STE: d(x + mix (q - x))/dx = 1
+
+
+def test_model_training_progress_phases_spikes_in():
+    from spikelm.model.modeling import SpikeLMForCausalLM
+
+    config = SpikeLMConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, head_size=8, adaptive_k=0.4,
+                           spike_phase_in=0.5)
+    model = SpikeLMForCausalLM(config)
+    neurons = [m for m in model.modules() if isinstance(m, AdaptiveNeuron)]
+    assert neurons and all(n.mix == 1.0 for n in neurons)  # never told: full spikes
+    for progress, mix in ((0.0, 0.0), (0.1, 0.2), (0.5, 1.0), (0.9, 1.0)):
+        model.set_training_progress(progress)
+        assert all(n.mix == pytest.approx(mix) for n in neurons)
+    plain = SpikeLMForCausalLM(SpikeLMConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, head_size=8))
+    plain.set_training_progress(0.0)
+    assert all(n.mix == 1.0 for n in plain.modules() if isinstance(n, AdaptiveNeuron))
+
+
+def test_learned_scale_model_saves_and_loads_its_multipliers(tmp_path):
+    from spikelm.model.modeling import SpikeLMForCausalLM
+
+    config = SpikeLMConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, head_size=8, adaptive_k=0.4,
+                           adaptive_scale="channel")
+    model = SpikeLMForCausalLM(config)
+    site = model.model.layers[0].channel_mix.value.neuron
+    assert site.step_scale.shape == (config.intermediate_size,)  # per input channel of the site
+    torch.testing.assert_close(site.step_scale.detach(), torch.full_like(site.step_scale, 2.5))
+    with torch.no_grad():
+        site.step_scale.mul_(torch.linspace(0.5, 2.0, site.step_scale.numel()))
+    model.save_pretrained(tmp_path)
+    loaded = SpikeLMForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.model.layers[0].channel_mix.value.neuron.step_scale, site.step_scale)
+    ids = torch.randint(0, 32, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits)
+
+
+@pytest.mark.parametrize(("field", "value"), [("adaptive_scale", "token"), ("adaptive_surrogate", "soft"),
+                                              ("spike_phase_in", 1.0), ("spike_phase_in", -0.1)])
+def test_config_rejects_bad_neuron_options(field, value):
+    with pytest.raises(ValueError, match=f"SpikeLMConfig.{field}"):
+        SpikeLMConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, head_size=8, **{field: value})

@@ -9,6 +9,8 @@ from transformers import PretrainedConfig
 TIME_MIXES = ("rwkv6", "rwkv4")
 NEURONS = ("adaptive", "lif", "gated", "none")
 LIF_RESETS = ("hard", "soft")
+ADAPTIVE_SCALES = ("fixed", "site", "channel")
+SURROGATES = ("ste", "clipped")
 KERNEL_BACKENDS = ("auto", "torch", "triton", "naive")
 
 # Named sizes. 45m/216m/430m follow SpikeGPT's widths and depths; 1.3b follows RWKV-6 1.6B's shape.
@@ -53,6 +55,14 @@ class SpikeLMConfig(PretrainedConfig):
     Adaptive neuron (SpikingBrain):
         adaptive_k: threshold divisor k in ``V_th = mean(|x|) / k``.
         max_spikes: largest integer spike count per token and channel (counts are clipped to +-max_spikes).
+        adaptive_scale: ``"fixed"`` (``V_th = mean(|x|) / k``, SpikingBrain), ``"site"`` or ``"channel"``: ``V_th =
+            mean(|x|) * s`` with a trainable step multiplier ``s`` (one per site, or one per input channel),
+            initialised to ``1 / k`` and trained with LSQ's step-size gradient (Esser et al. 2020).
+        adaptive_surrogate: gradient of the rounding for the input: ``"ste"`` passes it unchanged, clamp included;
+            ``"clipped"`` zeroes it where the count is clipped at +-max_spikes.
+        spike_phase_in: fraction of training (in [0, 1)) over which the adaptive neuron's output moves linearly from
+            its dense input to ``V_th * counts`` (0: spikes from the first step). The training loop reports its
+            progress through ``SpikeLMForCausalLM.set_training_progress``; outside training the output is spikes.
     LIF neuron (SpikeGPT):
         lif_tau: membrane time constant (> 1 leaks slower).
         lif_threshold: firing threshold v_th.
@@ -82,6 +92,9 @@ class SpikeLMConfig(PretrainedConfig):
     kernel_backend: str = "auto"
     adaptive_k: float = 3.0
     max_spikes: int = 8
+    adaptive_scale: str = "fixed"
+    adaptive_surrogate: str = "ste"
+    spike_phase_in: float = 0.0
     lif_tau: float = 2.0
     lif_threshold: float = 1.0
     lif_reset: str = "hard"
@@ -109,6 +122,8 @@ class SpikeLMConfig(PretrainedConfig):
         _choice("neuron", self.neuron, NEURONS)
         _choice("lif_reset", self.lif_reset, LIF_RESETS)
         _choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        _choice("adaptive_scale", self.adaptive_scale, ADAPTIVE_SCALES)
+        _choice("adaptive_surrogate", self.adaptive_surrogate, SURROGATES)
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "head_size", "intermediate_size",
                      "decay_lora_rank", "context_length", "max_spikes", "gated_bits"):
             value = getattr(self, name)
@@ -122,6 +137,9 @@ class SpikeLMConfig(PretrainedConfig):
         for name in ("layer_norm_epsilon", "initializer_range", "adaptive_k", "lif_tau", "lif_threshold",
                      "lif_alpha", "gated_threshold"):
             _positive(name, getattr(self, name))
+        phase_in = self.spike_phase_in
+        if isinstance(phase_in, bool) or not isinstance(phase_in, int | float) or not 0.0 <= phase_in < 1.0:
+            raise ValueError(f"SpikeLMConfig.spike_phase_in={phase_in!r} must be a fraction of training in [0, 1)")
         if not 0.0 < self.gated_forget_init < 1.0:
             raise ValueError(f"SpikeLMConfig.gated_forget_init={self.gated_forget_init!r} must lie in (0, 1)")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
