@@ -14,7 +14,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from spikelm.train.checkpoint import (
 )
 from spikelm.train.recipe import Recipe
 from spikelm.train.schedule import lr_at
+from spikelm.train.start import distill_loss, export_config, load_initial_weights, load_teacher
 
 
 class TrainingDiverged(SpikeLMError):
@@ -230,6 +231,7 @@ class Run:
     step: int = 0
     tokens_seen: int = 0
     saved_step: int = -1  # the step of the last checkpoint written or resumed from
+    teacher: Any = None  # the frozen model of distill.teacher, if any
 
     @property
     def is_main(self) -> bool:
@@ -288,8 +290,13 @@ def setup(recipe: Recipe, run_dir: Path, *, resume: Path | None, no_resume: bool
         torch.cuda.set_device(device)
     cache_dir = cache_dir or Path(os.environ.get("SPIKELM_CACHE", Path.home() / ".cache" / "spikelm"))
 
-    # Tokenizer and data (both build their caches on rank 0 first; the other ranks then read them).
-    tokenizer = spikedata.prepare_tokenizer(recipe.tokenizer, recipe.data, cache_dir)
+    # Tokenizer and data (both build their caches on rank 0 first; the other ranks then read them). A model
+    # started from an export keeps the export's tokenizer.
+    init_from = Path(recipe.init.from_).expanduser() if recipe.init.from_ else None
+    if init_from is not None:
+        export_config(init_from, "init.from")  # before its tokenizer is read: a clear error for a wrong directory
+    tok_cfg = recipe.tokenizer if init_from is None else replace(recipe.tokenizer, path=str(init_from))
+    tokenizer = spikedata.prepare_tokenizer(tok_cfg, recipe.data, cache_dir)
     train_blocks, heldout_blocks = spikedata.build_datasets(recipe.data, tokenizer, recipe.train.block_size,
                                                             cache_dir)
     config = recipe.model_config(len(tokenizer))
@@ -309,6 +316,8 @@ def setup(recipe: Recipe, run_dir: Path, *, resume: Path | None, no_resume: bool
 
     torch.manual_seed(recipe.seed)
     model = SpikeLMForCausalLM(config)
+    if init_from is not None and checkpoint is None:  # a resumed run continues from its checkpoint instead
+        load_initial_weights(model, init_from, config)
     if recipe.deepspeed.activation_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
@@ -337,6 +346,13 @@ def setup(recipe: Recipe, run_dir: Path, *, resume: Path | None, no_resume: bool
               step=step, tokens_seen=tokens_seen, saved_step=step if checkpoint is not None else -1)
     if checkpoint is not None:
         run.say(f"resumed from {checkpoint} at step {step}")
+    if init_from is not None:
+        run.say(f"init.from: the tokenizer of {init_from} replaces the recipe's tokenizer section"
+                + ("" if checkpoint is not None else f"; weights loaded from {init_from}"))
+    if recipe.distill.teacher:
+        run.teacher = load_teacher(Path(recipe.distill.teacher).expanduser(), config, recipe.precision, device)
+        run.say(f"distill: teacher {recipe.distill.teacher}, alpha {recipe.distill.alpha}, temperature "
+                f"{recipe.distill.temperature}")
     if run.is_main:
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     _describe(run, train_blocks, heldout_blocks)
@@ -370,10 +386,14 @@ def train_step(run: Run, *, with_grad_norm: bool) -> dict[str, Any]:
                total_steps=run.total_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    step_loss, grad_norm = 0.0, None
+    if run.config.spike_phase_in > 0:
+        engine.module.set_training_progress((run.step + 1) / run.total_steps)  # this step ends at full spikes
+    step_loss, grad_norm, extra = 0.0, None, {}
     for _ in range(recipe.train.grad_accum):
         batch = next(run.loader).to(run.device)  # [micro, block_size + 1]
-        loss = lm_loss(engine(input_ids=batch[:, :-1]).logits, batch[:, 1:])
+        loss, parts = _loss(run, batch)
+        for name, value in parts.items():
+            extra[name] = extra.get(name, 0.0) + _mean_over_ranks(value, run.world_size) / recipe.train.grad_accum
         micro_loss = _mean_over_ranks(loss, run.world_size)
         if not math.isfinite(micro_loss):
             raise TrainingDiverged(
@@ -390,7 +410,21 @@ def train_step(run: Run, *, with_grad_norm: bool) -> dict[str, Any]:
     run.step += 1
     run.tokens_seen += run.tokens_per_step
     return {"kind": "train", "step": run.step, "loss": step_loss, "lr": lr, "tokens": run.tokens_seen,
-            "grad_norm": grad_norm}
+            "grad_norm": grad_norm, **extra}
+
+
+def _loss(run: Run, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss of one micro-batch ``[micro, block_size + 1]`` and its logged parts (with a teacher: the
+    cross-entropy ``ce`` and ``kl``, the loss being their blend)."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    logits = run.engine(input_ids=inputs).logits
+    if run.teacher is None:
+        return lm_loss(logits, targets), {}
+    with torch.no_grad():
+        teacher_logits = run.teacher(input_ids=inputs, use_cache=False).logits
+    loss, ce, kl = distill_loss(logits, teacher_logits, targets, run.recipe.distill.alpha,
+                                run.recipe.distill.temperature)
+    return loss, {"ce": ce, "kl": kl}
 
 
 def evaluate(run: Run, *, write: Any = print) -> dict[str, Any]:
