@@ -297,3 +297,24 @@ def test_learned_scale_model_saves_and_loads_its_multipliers(tmp_path):
 def test_config_rejects_bad_neuron_options(field, value):
     with pytest.raises(ValueError, match=f"SpikeLMConfig.{field}"):
         SpikeLMConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, head_size=8, **{field: value})
+
+
+def test_channel_mean_scale_keeps_the_mean_threshold_and_moves_precision_between_channels():
+    torch.manual_seed(3)
+    neuron = AdaptiveNeuron(fan_out=4, k=0.4, max_spikes=8, scale="channel_mean", channels=8)
+    with torch.no_grad():
+        neuron.step_scale.copy_(torch.linspace(1.0, 8.0, 8))  # mean 4.5: rescaled to mean 2.5 = 1/k
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    seen = []
+    neuron.observers.append(lambda n, c, m: seen.append(c))
+    y, _ = neuron(x)
+    effective = torch.linspace(1.0, 8.0, 8) * (2.5 / 4.5)
+    mean_abs = x.detach().abs().mean(-1, keepdim=True)
+    counts = torch.clamp(torch.round(x.detach() / (mean_abs * effective)), -8, 8)
+    assert torch.equal(seen[0], counts)
+    torch.testing.assert_close(y, counts * mean_abs * effective)
+    # the gradient is LSQ's through the rescaling: a uniform change of all multipliers changes nothing
+    y.backward(torch.randn_like(y))
+    grad = neuron.step_scale.grad
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close((grad * neuron.step_scale.detach()).sum(), torch.tensor(0.0), atol=1e-5, rtol=0)

@@ -9,7 +9,7 @@ from transformers import PretrainedConfig
 TIME_MIXES = ("rwkv6", "rwkv4")
 NEURONS = ("adaptive", "lif", "gated", "none")
 LIF_RESETS = ("hard", "soft")
-ADAPTIVE_SCALES = ("fixed", "site", "channel")
+ADAPTIVE_SCALES = ("fixed", "site", "channel", "channel_mean")
 SURROGATES = ("ste", "clipped")
 KERNEL_BACKENDS = ("auto", "torch", "triton", "naive")
 
@@ -57,7 +57,9 @@ class SpikeLMConfig(PretrainedConfig):
         max_spikes: largest integer spike count per token and channel (counts are clipped to +-max_spikes).
         adaptive_scale: ``"fixed"`` (``V_th = mean(|x|) / k``, SpikingBrain), ``"site"`` or ``"channel"``: ``V_th =
             mean(|x|) * s`` with a trainable step multiplier ``s`` (one per site, or one per input channel),
-            initialised to ``1 / k`` and trained with LSQ's step-size gradient (Esser et al. 2020).
+            initialised to ``1 / k`` and trained with LSQ's step-size gradient (Esser et al. 2020); ``"channel_mean"``:
+            per-channel multipliers rescaled to keep their mean at ``1 / k``, so training moves precision between
+            channels while the site's average threshold, and with it roughly its sparsity, stays the fixed rule's.
         adaptive_surrogate: gradient of the rounding for the input: ``"ste"`` passes it unchanged, clamp included;
             ``"clipped"`` zeroes it where the count is clipped at +-max_spikes.
         spike_phase_in: fraction of training (in [0, 1)) over which the adaptive neuron's output moves linearly from

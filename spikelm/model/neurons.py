@@ -150,7 +150,8 @@ class AdaptiveNeuron(SpikingNeuron):
     and the projection sees ``V_th * s``. All threshold math is in fp32 whatever the model dtype.
 
     Options (``SpikeLMConfig.adaptive_scale`` / ``adaptive_surrogate`` / ``spike_phase_in``): a trainable step
-    multiplier replacing ``1 / k`` (``scale="site"`` or ``"channel"``, LSQ gradient, initialised to ``1 / k``), a
+    multiplier replacing ``1 / k`` (``scale="site"``, ``"channel"`` or ``"channel_mean"`` with the channels' mean held
+    at ``1 / k``; LSQ gradient, initialised to ``1 / k``), a
     clipped straight-through gradient, and ``mix`` < 1 while spikes are phased in (output ``x + mix * (spikes - x)``;
     the observers always see the integer counts).
     """
@@ -171,7 +172,7 @@ class AdaptiveNeuron(SpikingNeuron):
         if scale == "fixed":
             self.step_scale = None
         else:
-            size = 1 if scale == "site" else channels
+            size = 1 if scale == "site" else channels  # "channel" or "channel_mean"
             if not size:
                 raise ValueError("AdaptiveNeuron(scale='channel') needs the number of input channels")
             self.step_scale = nn.Parameter(torch.full((size,), 1.0 / self.k))
@@ -207,6 +208,8 @@ class AdaptiveNeuron(SpikingNeuron):
         else:
             mean_abs = mean_abs.clamp_(min=self.eps)
             scale = self.step_scale.float().clamp(min=self.min_scale)
+            if self.scale_mode == "channel_mean":  # mean pinned at 1/k; autograd carries LSQ's gradient through it
+                scale = scale * ((1.0 / self.k) / scale.mean())
         if training:
             shared = x32.numel() // scale.numel()  # elements per multiplier: LSQ's N
             y, counts = _LearnedQuantize.apply(x32, mean_abs, scale, self.max_spikes, self.surrogate == "clipped",
