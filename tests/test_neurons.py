@@ -318,3 +318,25 @@ def test_channel_mean_scale_keeps_the_mean_threshold_and_moves_precision_between
     grad = neuron.step_scale.grad
     assert grad.abs().sum() > 0
     torch.testing.assert_close((grad * neuron.step_scale.detach()).sum(), torch.tensor(0.0), atol=1e-5, rtol=0)
+
+
+def test_adaptive_site_k_overrides_k_at_the_named_sites(tmp_path):
+    from spikelm.model.modeling import SpikeLMForCausalLM
+    from spikelm.train.recipe import ModelSection
+
+    config = SpikeLMConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2, head_size=8, adaptive_k=0.4,
+                           adaptive_scale="site", adaptive_site_k={"channel_mix.value": 4.0})
+    model = SpikeLMForCausalLM(config)
+    ks = {n.site: (n.k, float(n.step_scale.detach())) for n in model.modules() if isinstance(n, AdaptiveNeuron)}
+    assert ks["layers.1.channel_mix.value"] == (4.0, 0.25) and ks["layers.0.channel_mix.value"][0] == 4.0
+    assert all(k == (0.4, pytest.approx(2.5)) for site, k in ks.items() if not site.endswith("channel_mix.value"))
+    model.save_pretrained(tmp_path)
+    loaded = SpikeLMForCausalLM.from_pretrained(tmp_path)
+    assert loaded.model.layers[0].channel_mix.value.neuron.k == 4.0
+    assert loaded.model.layers[0].channel_mix.key.neuron.k == 0.4
+    with pytest.raises(ValueError, match="adaptive_site_k: unknown site 'mlp.value'"):
+        SpikeLMConfig(adaptive_site_k={"mlp.value": 3.0})
+    with pytest.raises(ValueError, match="adaptive_site_k"):
+        SpikeLMConfig(adaptive_site_k={"channel_mix.value": 0})
+    section = ModelSection(overrides={"adaptive_site_k": {"time_mix.output": 2.0}})
+    assert section.build_config(32).adaptive_site_k == {"time_mix.output": 2.0}

@@ -9,6 +9,8 @@ from transformers import PretrainedConfig
 TIME_MIXES = ("rwkv6", "rwkv4")
 NEURONS = ("adaptive", "lif", "gated", "none")
 LIF_RESETS = ("hard", "soft")
+SITE_NAMES = tuple(f"time_mix.{name}" for name in ("receptance", "key", "value", "gate", "decay", "output")) + tuple(
+    f"channel_mix.{name}" for name in ("key", "receptance", "value"))
 ADAPTIVE_SCALES = ("fixed", "site", "channel", "channel_mean")
 SURROGATES = ("ste", "clipped")
 KERNEL_BACKENDS = ("auto", "torch", "triton", "naive")
@@ -55,6 +57,9 @@ class SpikeLMConfig(PretrainedConfig):
     Adaptive neuron (SpikingBrain):
         adaptive_k: threshold divisor k in ``V_th = mean(|x|) / k``.
         max_spikes: largest integer spike count per token and channel (counts are clipped to +-max_spikes).
+        adaptive_site_k: per-site k overriding ``adaptive_k``, keyed by the end of the site name, e.g.
+            ``{"channel_mix.value": 3.0}`` for the relu² input of every ChannelMix value projection (sites:
+            ``time_mix.{receptance,key,value,gate,decay,output}``, ``channel_mix.{key,receptance,value}``).
         adaptive_scale: ``"fixed"`` (``V_th = mean(|x|) / k``, SpikingBrain), ``"site"`` or ``"channel"``: ``V_th =
             mean(|x|) * s`` with a trainable step multiplier ``s`` (one per site, or one per input channel),
             initialised to ``1 / k`` and trained with LSQ's step-size gradient (Esser et al. 2020); ``"channel_mean"``:
@@ -94,6 +99,7 @@ class SpikeLMConfig(PretrainedConfig):
     kernel_backend: str = "auto"
     adaptive_k: float = 3.0
     max_spikes: int = 8
+    adaptive_site_k: dict[str, float] | None = None
     adaptive_scale: str = "fixed"
     adaptive_surrogate: str = "ste"
     spike_phase_in: float = 0.0
@@ -139,6 +145,11 @@ class SpikeLMConfig(PretrainedConfig):
         for name in ("layer_norm_epsilon", "initializer_range", "adaptive_k", "lif_tau", "lif_threshold",
                      "lif_alpha", "gated_threshold"):
             _positive(name, getattr(self, name))
+        for site, k in (self.adaptive_site_k or {}).items():
+            if site not in SITE_NAMES:
+                raise ValueError(f"SpikeLMConfig.adaptive_site_k: unknown site {site!r}; use one of "
+                                 f"{', '.join(SITE_NAMES)}")
+            _positive(f"adaptive_site_k[{site!r}]", k)
         phase_in = self.spike_phase_in
         if isinstance(phase_in, bool) or not isinstance(phase_in, int | float) or not 0.0 <= phase_in < 1.0:
             raise ValueError(f"SpikeLMConfig.spike_phase_in={phase_in!r} must be a fraction of training in [0, 1)")

@@ -134,9 +134,13 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         self.layers = nn.ModuleList(SpikeLMBlock(config, i) for i in range(config.num_hidden_layers))
         self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
+        site_k = config.adaptive_site_k or {}
         for name, module in self.named_modules():
             if isinstance(module, SpikingLinear):
                 module.neuron.site = name
+                suffix = name.split(".", 2)[-1]  # "layers.0.channel_mix.value" -> "channel_mix.value"
+                if isinstance(module.neuron, AdaptiveNeuron) and suffix in site_k:
+                    module.neuron.k = float(site_k[suffix])  # post_init below starts learned multipliers at 1/k
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
