@@ -340,3 +340,40 @@ def test_adaptive_site_k_overrides_k_at_the_named_sites(tmp_path):
         SpikeLMConfig(adaptive_site_k={"channel_mix.value": 0})
     section = ModelSection(overrides={"adaptive_site_k": {"time_mix.output": 2.0}})
     assert section.build_config(32).adaptive_site_k == {"time_mix.output": 2.0}
+
+
+@pytest.mark.parametrize("surrogate", ["ste", "clipped"])
+def test_resolution_keeps_the_silent_set_and_quantises_active_inputs_finer(surrogate):
+    torch.manual_seed(4)
+    coarse = AdaptiveNeuron(fan_out=4, k=0.4, max_spikes=8)
+    fine = AdaptiveNeuron(fan_out=4, k=0.4, max_spikes=8, resolution=4, surrogate=surrogate)
+    x = (torch.randn(3, 6, 32) * torch.rand(3, 6, 32).pow(3) * 4).requires_grad_()
+    seen = {}
+    for name, neuron in (("coarse", coarse), ("fine", fine)):
+        neuron.observers.append(lambda n, c, m, name=name: seen.setdefault(name, c))
+    y_coarse, _ = coarse(x.detach())
+    y, _ = fine(x)
+    threshold = x.detach().abs().mean(-1, keepdim=True) / 0.4
+    expected = torch.clamp(torch.round(4 * x.detach() / threshold), -8, 8)
+    expected[x.detach().abs() < threshold / 2] = 0
+    assert torch.equal(seen["fine"], expected)
+    assert torch.equal(seen["fine"] == 0, seen["coarse"] == 0)  # the same zeros, hence the same sparsity
+    assert seen["fine"].abs().max() == 8  # some clipped
+    torch.testing.assert_close(y, expected * threshold / 4)
+    active = seen["fine"] != 0
+    # finer steps: the active inputs' error is at most a quarter step of r = 1 (where not clipped)
+    unclipped = active & (seen["fine"].abs() < 8)
+    assert ((y - x).detach()[unclipped].abs() <= threshold.expand_as(x)[unclipped] / 8 + 1e-6).all()
+    assert (y - x).detach()[unclipped].abs().mean() < (y_coarse - x).detach()[unclipped].abs().mean()
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    if surrogate == "ste":
+        assert torch.equal(x.grad, grad)
+    else:
+        clipped = (4 * x.detach() / threshold).round().abs() > 8
+        assert clipped.any() and torch.equal(x.grad, grad * ~clipped)
+    with torch.no_grad():
+        y_eval, _ = fine(x)
+    torch.testing.assert_close(y_eval, y.detach())
+    with pytest.raises(ValueError, match="adaptive_resolution=4 needs adaptive_scale 'fixed'"):
+        SpikeLMConfig(adaptive_resolution=4, adaptive_scale="channel")

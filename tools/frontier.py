@@ -488,16 +488,16 @@ def _point_order(row: dict[str, Any]) -> tuple[int, float, int, str]:
 # changes between sweeps.
 NEURON_FIELDS = {
     "none": ("neuron",),
-    "adaptive": ("neuron", "adaptive_k", "adaptive_site_k", "max_spikes", "adaptive_scale", "adaptive_surrogate",
-                 "spike_phase_in", "spike_lm_head"),
+    "adaptive": ("neuron", "adaptive_k", "adaptive_site_k", "max_spikes", "adaptive_resolution", "adaptive_scale",
+                 "adaptive_surrogate", "spike_phase_in", "spike_lm_head"),
     "lif": ("neuron", "lif_tau", "lif_threshold", "lif_reset", "lif_alpha", "spike_lm_head"),
     "gated": ("neuron", "gated_bits", "gated_threshold", "gated_forget_init", "spike_lm_head"),
 }
 
 
 # What an export written before a field existed trained with.
-_FIELD_DEFAULTS = {"adaptive_site_k": None, "adaptive_scale": "fixed", "adaptive_surrogate": "ste",
-                   "spike_phase_in": 0.0}
+_FIELD_DEFAULTS = {"adaptive_site_k": None, "adaptive_resolution": 1, "adaptive_scale": "fixed",
+                   "adaptive_surrogate": "ste", "spike_phase_in": 0.0}
 
 
 def neuron_config(run_dir: Path) -> dict[str, Any]:

@@ -65,6 +65,10 @@ class SpikeLMConfig(PretrainedConfig):
             initialised to ``1 / k`` and trained with LSQ's step-size gradient (Esser et al. 2020); ``"channel_mean"``:
             per-channel multipliers rescaled to keep their mean at ``1 / k``, so training moves precision between
             channels while the site's average threshold, and with it roughly its sparsity, stays the fixed rule's.
+        adaptive_resolution: spikes per threshold r: a channel is silent while ``|x| < V_th / 2`` (the zeros of r = 1)
+            and otherwise fires ``round(r x / V_th)`` spikes of ``V_th / r`` (clipped at +-max_spikes): r times finer
+            values for r times the spikes of each active channel; r = 1 is SpikingBrain's rule. Needs
+            ``adaptive_scale: fixed``; raise ``max_spikes`` with it (the clip is in fine counts).
         adaptive_surrogate: gradient of the rounding for the input: ``"ste"`` passes it unchanged, clamp included;
             ``"clipped"`` zeroes it where the count is clipped at +-max_spikes.
         spike_phase_in: fraction of training (in [0, 1)) over which the adaptive neuron's output moves linearly from
@@ -101,6 +105,7 @@ class SpikeLMConfig(PretrainedConfig):
     max_spikes: int = 8
     adaptive_site_k: dict[str, float] | None = None
     adaptive_scale: str = "fixed"
+    adaptive_resolution: int = 1
     adaptive_surrogate: str = "ste"
     spike_phase_in: float = 0.0
     lif_tau: float = 2.0
@@ -133,7 +138,7 @@ class SpikeLMConfig(PretrainedConfig):
         _choice("adaptive_scale", self.adaptive_scale, ADAPTIVE_SCALES)
         _choice("adaptive_surrogate", self.adaptive_surrogate, SURROGATES)
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "head_size", "intermediate_size",
-                     "decay_lora_rank", "context_length", "max_spikes", "gated_bits"):
+                     "decay_lora_rank", "context_length", "max_spikes", "gated_bits", "adaptive_resolution"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"SpikeLMConfig.{name}={value!r} must be a positive integer")
@@ -145,6 +150,9 @@ class SpikeLMConfig(PretrainedConfig):
         for name in ("layer_norm_epsilon", "initializer_range", "adaptive_k", "lif_tau", "lif_threshold",
                      "lif_alpha", "gated_threshold"):
             _positive(name, getattr(self, name))
+        if self.adaptive_resolution > 1 and self.adaptive_scale != "fixed":
+            raise ValueError(f"SpikeLMConfig.adaptive_resolution={self.adaptive_resolution} needs adaptive_scale "
+                             f"'fixed', not {self.adaptive_scale!r}")
         for site, k in (self.adaptive_site_k or {}).items():
             if site not in SITE_NAMES:
                 raise ValueError(f"SpikeLMConfig.adaptive_site_k: unknown site {site!r}; use one of "

@@ -154,6 +154,11 @@ class AdaptiveNeuron(SpikingNeuron):
     at ``1 / k``; LSQ gradient, initialised to ``1 / k``), a
     clipped straight-through gradient, and ``mix`` < 1 while spikes are phased in (output ``x + mix * (spikes - x)``;
     the observers always see the integer counts).
+
+    ``resolution`` r > 1 (``SpikeLMConfig.adaptive_resolution``, fixed multiplier only) separates the silent set from
+    the step: a channel stays silent when ``|x| < V_th / 2`` exactly as with r = 1 (the same zeros), and fires
+    ``clamp(round(r x / V_th), -max_spikes, max_spikes)`` spikes of size ``V_th / r`` otherwise: r times finer
+    values for r times more spikes per active channel.
     """
 
     kind = "adaptive"
@@ -163,9 +168,12 @@ class AdaptiveNeuron(SpikingNeuron):
     min_scale = 1e-4
 
     def __init__(self, fan_out: int, k: float = 3.0, max_spikes: int = 8, *, scale: str = "fixed",
-                 channels: int | None = None, surrogate: str = "ste") -> None:
+                 channels: int | None = None, surrogate: str = "ste", resolution: int = 1) -> None:
         super().__init__(fan_out, max_spikes)
         self.k = float(k)
+        self.resolution = int(resolution)
+        if self.resolution > 1 and scale != "fixed":
+            raise ValueError("AdaptiveNeuron: resolution > 1 needs the fixed multiplier (scale='fixed')")
         self.max_spikes = int(max_spikes)
         self.scale_mode, self.surrogate = scale, surrogate
         self.mix = 1.0  # 1 = spikes; set below 1 by SpikeLMForCausalLM.set_training_progress while phasing in
@@ -179,7 +187,7 @@ class AdaptiveNeuron(SpikingNeuron):
 
     def _simple(self) -> bool:
         """The SpikingBrain rule exactly: fixed 1/k, plain STE, full spikes (the fast path)."""
-        return self.step_scale is None and self.surrogate == "ste" and self.mix == 1.0
+        return self.step_scale is None and self.surrogate == "ste" and self.mix == 1.0 and self.resolution == 1
 
     def forward(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> tuple[Tensor, None]:
         x32 = _masked(x.float(), mask)
@@ -201,36 +209,55 @@ class AdaptiveNeuron(SpikingNeuron):
         return y.to(x.dtype), None
 
     def _general(self, x32: Tensor, mean_abs: Tensor, training: bool) -> tuple[Tensor, Tensor]:
-        """Learned multiplier and/or clipped STE and/or phase-in (the options of the class docstring)."""
+        """Learned multiplier, finer counts, clipped STE and/or phase-in (the options of the class docstring)."""
+        mean_abs = mean_abs.clamp_(min=self.eps)
+        if self.resolution > 1:
+            y, counts = self._fine_counts(x32, mean_abs.div_(self.k), training)
+        else:
+            y, counts = self._lsq(x32, mean_abs, training)
+        if self.mix != 1.0:
+            y = x32 + self.mix * (y - x32)
+        return y, counts
+
+    def _lsq(self, x32: Tensor, mean_abs: Tensor, training: bool) -> tuple[Tensor, Tensor]:
+        """``V_th = mean|x| * s`` with ``s`` the learned multiplier (or the fixed 1/k); LSQ gradient for ``s``."""
         if self.step_scale is None:
-            mean_abs = mean_abs.clamp_(min=self.eps)
             scale = torch.full((1,), 1.0 / self.k, device=x32.device)
         else:
-            mean_abs = mean_abs.clamp_(min=self.eps)
             scale = self.step_scale.float().clamp(min=self.min_scale)
             if self.scale_mode == "channel_mean":  # mean pinned at 1/k; autograd carries LSQ's gradient through it
                 scale = scale * ((1.0 / self.k) / scale.mean())
         if training:
             shared = x32.numel() // scale.numel()  # elements per multiplier: LSQ's N
-            y, counts = _LearnedQuantize.apply(x32, mean_abs, scale, self.max_spikes, self.surrogate == "clipped",
-                                               1.0 / math.sqrt(shared * self.max_spikes))
-        else:
-            threshold = mean_abs * scale
-            counts = _spike_counts(x32, threshold, self.max_spikes)
-            y = counts * threshold
-        if self.mix != 1.0:
-            y = x32 + self.mix * (y - x32)
-        return y, counts
+            return _LearnedQuantize.apply(x32, mean_abs, scale, self.max_spikes, self.surrogate == "clipped",
+                                          1.0 / math.sqrt(shared * self.max_spikes))
+        threshold = mean_abs * scale
+        counts = _spike_counts(x32, threshold, self.max_spikes)
+        return counts * threshold, counts
+
+    def _fine_counts(self, x32: Tensor, threshold: Tensor, training: bool) -> tuple[Tensor, Tensor]:
+        """``resolution`` > 1: silent below ``V_th / 2``, counts of ``V_th / r`` above; straight-through gradient
+        (zeroed where the count is clipped with ``surrogate="clipped"``)."""
+        with torch.no_grad():
+            step = threshold / self.resolution
+            fine = torch.div(x32, step).round_()
+            counts = fine.clamp(-self.max_spikes, self.max_spikes).masked_fill_(x32.abs() < threshold / 2, 0.0)
+            quantized = counts * step
+        if not training:
+            return quantized, counts
+        source = x32 * (fine.abs() <= self.max_spikes) if self.surrogate == "clipped" else x32
+        return source + (quantized - source).detach(), counts
 
     def fires_like(self, other: SpikingNeuron) -> bool:
         # Learned multipliers differ per site; the rule of one site is not the rule of another.
         return (isinstance(other, AdaptiveNeuron) and self.step_scale is None and other.step_scale is None
-                and (other.k, other.max_spikes, other.surrogate, other.mix)
-                == (self.k, self.max_spikes, self.surrogate, self.mix))
+                and (other.k, other.max_spikes, other.surrogate, other.mix, other.resolution)
+                == (self.k, self.max_spikes, self.surrogate, self.mix, self.resolution))
 
     def extra_repr(self) -> str:
         extra = f", scale={self.scale_mode!r}" if self.scale_mode != "fixed" else ""
         extra += f", surrogate={self.surrogate!r}" if self.surrogate != "ste" else ""
+        extra += f", resolution={self.resolution}" if self.resolution != 1 else ""
         return f"{super().extra_repr()}, k={self.k}{extra}"
 
 
@@ -319,7 +346,8 @@ def build_neuron(config: SpikeLMConfig, fan_out: int, channels: int | None = Non
     backend = kernel_backend(config)
     if config.neuron == "adaptive":
         return AdaptiveNeuron(fan_out, k=config.adaptive_k, max_spikes=config.max_spikes, scale=config.adaptive_scale,
-                              channels=channels, surrogate=config.adaptive_surrogate)
+                              channels=channels, surrogate=config.adaptive_surrogate,
+                              resolution=config.adaptive_resolution)
     if config.neuron == "lif":
         return LIFNeuron(fan_out, tau=config.lif_tau, threshold=config.lif_threshold, reset=config.lif_reset,
                          alpha=config.lif_alpha, backend=backend)
