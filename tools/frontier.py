@@ -589,7 +589,7 @@ def budget_table(summary: list[dict[str, Any]]) -> str:
     lines = ["| point | steps | tokens | seeds | bits/byte (mean) | vs dense twin, mean | worst seed | zeros, mean "
              "| zeros, lowest |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for cell in summary:
-        lines.append(f"| {cell['point']} | {cell['budget']:,} | {fmt(cell['tokens'], ',')} | {cell['seeds']} "
+        lines.append(f"| {cell['point']} | {cell['budget']:,} | {fmt(cell['tokens'], ',.0f')} | {cell['seeds']} "
                      f"| {cell['bits_per_byte']:.4f} | {fmt(cell['gap_mean'], '+.2f', 100)}% "
                      f"| {fmt(cell['gap_worst'], '+.2f', 100)}% | {100 * cell['zeros_mean']:.1f}% "
                      f"| {100 * cell['zeros_min']:.1f}% |")
