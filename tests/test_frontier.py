@@ -270,3 +270,12 @@ def test_variants_and_budgets_are_parsed_and_checked(tmp_path, capsys):
         f"init.from={export.resolve()}", "seed=1"]
     with pytest.raises(frontier.FrontierError, match="train that point first"):
         frontier.resolve_overrides(["distill.teacher={dense}"], sweep, tmp_path)
+
+
+def test_empty_points_with_a_variant_runs_only_the_variant(tmp_path, capsys):
+    """--points '' is allowed beside variants (a seed of one variant), and still refused alone."""
+    assert frontier.main(["--out", str(tmp_path), "--points", ""]) == 2
+    assert "--points is empty" in capsys.readouterr().err
+    code = frontier.main(["--out", str(tmp_path / "v"), "--points", "", "--variant", "x=adaptive-k0.4 model.y=1",
+                          "--recipe", str(tmp_path / "missing.yaml")])
+    assert code == 2 and "--recipe" in capsys.readouterr().err  # got past the points: only the variant is left

@@ -710,7 +710,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.combine is not None:
             _combine(args)
             return 0
-        points = parse_points(args.points) + [parse_variant(text) for text in args.variants]
+        variants = [parse_variant(text) for text in args.variants]
+        # --points '' with variants: only the variants (e.g. one more seed of a variant beside a running sweep)
+        points = ([] if variants and not args.points.strip() else parse_points(args.points)) + variants
         names = [p.name for p in points]
         if len(set(names)) != len(names):
             raise FrontierError(f"--variant: a name is used twice in {', '.join(names)}")
