@@ -181,7 +181,10 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
                 raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
             if input_ids.shape[1] == 0:
                 raise ValueError("the input is empty (T = 0 tokens); give at least one token, e.g. a BOS token")
-            self._check_input_ids(input_ids)
+            if not (self.training and torch.is_grad_enabled()):
+                # Reading the ids' range back stalls a GPU's queue: training data is checked where it enters (the
+                # tokenizer's vocabulary against the model's), so only inference calls check here.
+                self._check_input_ids(input_ids)
             inputs_embeds = self.embeddings(input_ids)
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
             raise ValueError(f"inputs_embeds must be [B, T, C] with T >= 1, got shape {tuple(inputs_embeds.shape)}")
