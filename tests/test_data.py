@@ -171,6 +171,35 @@ def test_tokenizer_cached_by_content(tmp_path, cache, iambic_cfg, tokenizer):
     assert len(loaded) == len(prepare_tokenizer(small, cfg, tmp_path / "c"))
 
 
+def test_tokenizer_cache_hit_reads_no_text(tmp_path, monkeypatch):
+    # Restarts (and every rank) find the tokenizer from the source's files alone: the sample is read only on a miss.
+    import os
+
+    from spikelm.train import tokenizer_cache
+
+    source = tmp_path / "src"
+    cfg = _write_paragraph_files(source, _paragraphs(12))
+    small = TokenizerConfig(vocab_size=340, sample_chars=5_000)
+    first = Path(prepare_tokenizer(small, cfg, tmp_path / "c").name_or_path)
+    reads = []
+    real_sample = tokenizer_cache.training_sample
+    monkeypatch.setattr(tokenizer_cache, "training_sample", lambda *a: reads.append(a) or real_sample(*a))
+    assert Path(prepare_tokenizer(small, cfg, tmp_path / "c").name_or_path) == first
+    assert reads == []
+    # A touched file (same text, new mtime) is a miss: the sample is read, hashes the same, nothing is retrained.
+    stat = (source / "part0.txt").stat()
+    os.utime(source / "part0.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert Path(prepare_tokenizer(small, cfg, tmp_path / "c").name_or_path) == first
+    assert len(reads) == 1
+    # A pointer left half-written (a crash) is ignored, then rewritten.
+    for pointer in (tmp_path / "c" / "tokenizers").glob("source-*.json"):
+        pointer.write_text('{"key": ')
+    assert Path(prepare_tokenizer(small, cfg, tmp_path / "c").name_or_path) == first
+    assert len(reads) == 2
+    assert Path(prepare_tokenizer(small, cfg, tmp_path / "c").name_or_path) == first
+    assert len(reads) == 2
+
+
 def test_check_vocab_names_both_sizes(tokenizer):
     check_vocab(tokenizer, SpikeLMConfig(vocab_size=len(tokenizer)))
     with pytest.raises(SpikeLMError, match=r"384 tokens.*vocab_size is 512.*model.vocab_size: 384"):

@@ -2,6 +2,10 @@
 
 The cache key is a hash of the exact training text and the training settings, so a second run with the same data
 reuses ``cache_dir/tokenizers/<hash>/`` and a change of text, vocabulary size or byte fallback trains a new one.
+Reading the sample to hash it costs minutes at scale (``sample_chars`` of 500M), on every start and every rank, so a
+pointer file ``cache_dir/tokenizers/source-<key>.json`` maps the *source* (files' paths, sizes and mtimes or the hub
+name, the split settings and the tokenizer settings: what the data cache keys on too) to the content hash; while it
+holds, a start reads no text at all.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from spikelm.train.data_sources import (
     document_bucket,
     is_heldout_bucket,
     load_documents,
+    resolve_source,
+    selection_fingerprint,
+    source_fingerprint,
     split_documents,
 )
 from spikelm.train.dist import file_lock, rank_zero_first
@@ -79,11 +86,22 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(payload + extra).hexdigest()
 
 
+def _settings(tok_cfg: TokenizerConfig) -> dict[str, Any]:
+    return {"version": TOKENIZER_CACHE_VERSION, "vocab_size": tok_cfg.vocab_size,
+            "byte_fallback": tok_cfg.byte_fallback, "sample_chars": tok_cfg.sample_chars}
+
+
+def _source_key(tok_cfg: TokenizerConfig, data_cfg: DataConfig) -> str:
+    """A hash of what decides the training sample without reading it: the source, the split and the settings."""
+    source = {"source": source_fingerprint(data_cfg, resolve_source(data_cfg)),
+              "selection": selection_fingerprint(data_cfg), "streaming": data_cfg.streaming,
+              "settings": _settings(tok_cfg)}
+    return hashlib.sha256(json.dumps(source, sort_keys=True).encode("utf-8")).hexdigest()[:20]
+
+
 def _training_key(tok_cfg: TokenizerConfig, sample: list[str]) -> str:
     digest = hashlib.sha256()
-    settings = {"version": TOKENIZER_CACHE_VERSION, "vocab_size": tok_cfg.vocab_size,
-                "byte_fallback": tok_cfg.byte_fallback, "sample_chars": tok_cfg.sample_chars}
-    digest.update(json.dumps(settings, sort_keys=True).encode("utf-8"))
+    digest.update(json.dumps(_settings(tok_cfg), sort_keys=True).encode("utf-8"))
     for text in sample:
         # Length-prefixed so that moving a boundary between documents changes the hash.
         encoded = text.encode("utf-8")
@@ -129,10 +147,24 @@ def prepare_tokenizer(tok_cfg: TokenizerConfig, data_cfg: DataConfig, cache_dir:
     return rank_zero_first(lambda: _prepare_cached(tok_cfg, data_cfg, Path(cache_dir)))
 
 
+def _cached_for_source(root: Path, pointer: Path) -> Path | None:
+    """The tokenizer directory ``pointer`` names, if the pointer is readable and the directory is complete."""
+    try:
+        key = json.loads(pointer.read_text())["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # missing, or left half-written by a crash: read the sample instead
+    final = root / str(key)
+    return final if (final / "spikelm_tokenizer_cache.json").is_file() else None
+
+
 def _prepare_cached(tok_cfg: TokenizerConfig, data_cfg: DataConfig, cache_dir: Path) -> PreTrainedTokenizerBase:
+    root = cache_dir / "tokenizers"
+    pointer = root / f"source-{_source_key(tok_cfg, data_cfg)}.json"
+    found = _cached_for_source(root, pointer)
+    if found is not None:
+        return _load(found)
     sample = training_sample(data_cfg, tok_cfg.sample_chars, cache_dir)
     key = _training_key(tok_cfg, sample)
-    root = cache_dir / "tokenizers"
     final = root / key
     root.mkdir(parents=True, exist_ok=True)
     with file_lock(root / f"{key}.lock"):
@@ -147,6 +179,9 @@ def _prepare_cached(tok_cfg: TokenizerConfig, data_cfg: DataConfig, cache_dir: P
                 os.replace(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+        staged = pointer.with_name(f".{pointer.name}.{os.getpid()}")
+        staged.write_text(json.dumps({"key": key, "source": data_cfg.source}))
+        os.replace(staged, pointer)
     return _load(final)
 
 
