@@ -15,6 +15,8 @@ from typing import TypeVar
 import torch
 from filelock import FileLock
 
+from spikelm.errors import SpikeLMError
+
 _T = TypeVar("_T")
 
 
@@ -53,6 +55,29 @@ def file_lock(path: Path) -> Iterator[None]:
         yield
 
 
+LOCAL_HOSTS = ("localhost", "127.0.0.1", socket.gethostname())
+
+
+def read_hostfile(path: Path) -> dict[str, int]:
+    """Hosts and their slots from a DeepSpeed hostfile (``HOST slots=N`` lines, ``#`` comments)."""
+    if not path.is_file():
+        raise SpikeLMError(f"--hostfile {str(path)!r} does not exist")
+    hosts: dict[str, int] = {}
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        slots = parts[1][len("slots="):] if len(parts) == 2 and parts[1].startswith("slots=") else ""
+        if not slots.isdigit() or int(slots) == 0 or parts[0] in hosts:
+            raise SpikeLMError(f"--hostfile {str(path)!r} line {number}: expected 'HOST slots=N' with N >= 1 and "
+                               f"each host once, got {line!r}")
+        hosts[parts[0]] = int(slots)
+    if not hosts:
+        raise SpikeLMError(f"--hostfile {str(path)!r} lists no hosts")
+    return hosts
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now (the rendezvous port of a launch)."""
     with socket.socket() as s:
@@ -72,4 +97,5 @@ def prepare_environment(master_port: int | None = None) -> None:
         os.environ["MASTER_PORT"] = str(master_port or free_port())
 
 
-__all__ = ["dist_world", "rank_zero_first", "file_lock", "free_port", "prepare_environment"]
+__all__ = ["dist_world", "rank_zero_first", "file_lock", "free_port", "prepare_environment", "read_hostfile",
+           "LOCAL_HOSTS"]
