@@ -82,12 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         batches = [torch.randint(0, vocab, (train.micro_batch_size, train.block_size + 1), generator=generator)
                    for _ in range(total_micro)]
     else:
-        from spikelm.train import data as spikedata
+        from spikelm.train.loader import batch_loader
+        from spikelm.train.packing import build_datasets
+        from spikelm.train.tokenizer_cache import prepare_tokenizer
 
         cache = Path(os.environ.get("SPIKELM_CACHE", Path.home() / ".cache" / "spikelm"))
-        tokenizer = spikedata.prepare_tokenizer(recipe.tokenizer, recipe.data, cache)
-        blocks, _ = spikedata.build_datasets(recipe.data, tokenizer, train.block_size, cache)
-        loader = spikedata.BatchLoader(blocks, train.micro_batch_size, seed=recipe.seed)
+        tokenizer = prepare_tokenizer(recipe.tokenizer, recipe.data, cache)
+        blocks, _ = build_datasets(recipe.data, tokenizer, train.block_size, cache)
+        loader = batch_loader(blocks, train.micro_batch_size, seed=recipe.seed)
         vocab = len(tokenizer)
         batches = [next(loader) for _ in range(total_micro)]
     config = recipe.model_config(vocab)

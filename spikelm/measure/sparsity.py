@@ -24,7 +24,7 @@ What is counted (``SparsityReport.counted`` / ``not_counted`` repeat this with e
   Binary and ternary trains carry the same ``|c|`` events over the same S (binary puts the sign on the synapse,
   ternary on the event), so their rates and SynOps agree; they are both reported because hardware differs.
 
-The ``spikelm sparsity`` subcommand lives in ``sparsity_cli.py``.
+The ``spikelm sparsity`` subcommand lives in ``spikelm/commands/sparsity.py``.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from spikelm.measure.energy import DEFAULT_ENERGY_TABLE, EnergyTable, format_energy, get_energy_table
+from spikelm.model.neurons import ENCODINGS, time_steps
 
-ENCODINGS = ("binary", "ternary", "bitwise")
 DENSE_KIND = "none"
 
 COUNTED = [
@@ -59,15 +59,6 @@ NOT_COUNTED = [
 ]
 
 _LAYER_SITE = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
-
-
-def time_steps(encoding: str, max_count: int) -> int:
-    """Virtual time steps S of an event train that carries counts up to ``max_count``."""
-    if encoding not in ENCODINGS:
-        raise ValueError(f"encoding={encoding!r} is not one of {', '.join(map(repr, ENCODINGS))}")
-    if encoding == "bitwise":
-        return max(1, int(max_count).bit_length())  # == ceil(log2(max_count + 1))
-    return int(max_count)
 
 
 def split_site_name(site: str) -> tuple[str, str]:
@@ -503,23 +494,6 @@ def _layer_order(name: str) -> tuple[int, int, str]:
     return (0, int(match.group(1)), "") if match else (1, 0, name)
 
 
-def summarize_for_logging(report: SparsityReport) -> dict[str, float]:
-    """Flat scalars for the training loop's metrics files: whole-model figures and per-layer zero fraction, e.g.
-    ``sparsity/zero_fraction``, ``sparsity/energy_ratio``, ``sparsity/layer.3/zero_fraction``."""
-    total, enc = report.total, report.encoding
-    scalars: dict[str, float | None] = {
-        "sparsity/zero_fraction": total.zero_fraction,
-        "sparsity/mean_abs_count": total.mean_abs_count,
-        "sparsity/firing_rate": total.firing_rate[enc],
-        "sparsity/synops_per_token": total.synops[enc] / report.tokens if report.tokens else None,
-        "sparsity/energy_ratio": report.energy_ratio,
-    }
-    for layer in report.layers:
-        scalars[f"sparsity/{layer.name}/zero_fraction"] = layer.zero_fraction
-    return {key: float(value) for key, value in scalars.items() if value is not None}
-
-
 __all__ = [
-    "SparsityMonitor", "SparsityReport", "SpikeStats", "summarize_for_logging", "find_spike_sites",
-    "split_site_name", "time_steps", "add_to_histogram", "ENCODINGS",
+    "SparsityMonitor", "SparsityReport", "SpikeStats", "find_spike_sites", "split_site_name", "add_to_histogram",
 ]
