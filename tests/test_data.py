@@ -21,8 +21,8 @@ from spikelm.train.data_sources import (
     load_documents,
     split_documents,
 )
-from spikelm.train.loader import StreamingBlocks, batch_loader
-from spikelm.train.packing import TokenBlocks, build_datasets
+from spikelm.train.loader import batch_loader
+from spikelm.train.packing import StreamingBlocks, TokenBlocks, build_datasets
 from spikelm.train.tokenizer_cache import check_vocab, prepare_tokenizer, tokenizer_fingerprint
 
 BLOCK = 32

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from spikelm.measure.energy import ENERGY_TABLES, EnergyTable, get_energy_table
-from spikelm.measure.sparsity import SparsityMonitor, add_to_histogram, split_site_name
+from spikelm.measure.report import split_site_name
+from spikelm.measure.sparsity import SparsityMonitor, add_to_histogram
 from spikelm.model.neurons import time_steps
 from spikelm.train.tokenizer import train_tokenizer
 

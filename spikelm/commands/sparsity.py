@@ -16,7 +16,8 @@ from torch import nn
 
 from spikelm.errors import SpikeLMError
 from spikelm.measure.energy import DEFAULT_ENERGY_TABLE, ENERGY_TABLES, EnergyTable, get_energy_table
-from spikelm.measure.sparsity import SparsityMonitor, SparsityReport
+from spikelm.measure.report import SparsityReport
+from spikelm.measure.sparsity import SparsityMonitor
 from spikelm.model.neurons import ENCODINGS
 from spikelm.train.checkpoint import atomic_write_text
 

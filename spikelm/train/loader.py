@@ -1,4 +1,5 @@
-"""Training batches for one rank: a map-style loader over packed blocks and a streaming loader over a text stream.
+"""Training batches for one rank: a map-style loader over packed blocks and a streaming loader over a text stream
+(docs/design.md, "Data pipeline and caches").
 
 Both walk global batches of ``micro_batch_size * world_size`` blocks; rank ``r`` takes the ``r``-th slice of each, so
 the union over ranks of one step is the one-process batch of the same global size, and runs with different world
@@ -9,50 +10,12 @@ batches, so a checkpoint resumes exactly, also under another world size with the
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from spikelm.errors import SpikeLMError
-from spikelm.train.data_sources import DataConfig, load_documents, streamed_heldout
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-    from spikelm.train.packing import TokenBlocks
-
-
-class StreamingBlocks:
-    """The training split of a streamed source, tokenised and packed on the fly by ``StreamLoader`` (no ``len``).
-
-    ``documents(epoch, skip)`` yields the training texts of one pass over the stream after skipping ``skip`` raw
-    documents (held-out ones count), each paired with the raw position of the document that follows it.
-    """
-
-    def __init__(self, data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, block_size: int) -> None:
-        self.data_cfg = data_cfg
-        self.tokenizer = tokenizer
-        self.block_size = block_size
-        self._eos = tokenizer.eos_token_id
-
-    def documents(self, *, epoch: int, skip: int, shuffle: bool, seed: int) -> Iterator[tuple[int, str]]:
-        """(raw documents consumed after this one, text) for every training document from raw position ``skip``."""
-        stream = load_documents(self.data_cfg, streaming=True)
-        if shuffle:
-            # A seeded buffer shuffle is a deterministic function of (seed, epoch), so skipping ``skip`` documents
-            # of the same shuffled stream resumes exactly.
-            stream = stream.shuffle(seed=seed + epoch, buffer_size=self.data_cfg.shuffle_buffer)
-        for position, row in enumerate(stream.skip(skip) if skip else stream, start=skip + 1):
-            text = row["text"]
-            if text and not streamed_heldout(text, self.data_cfg):
-                yield position, text
-
-    def encode(self, text: str) -> list[int]:
-        """A document's ids followed by eos."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self._eos]
-
-    def __repr__(self) -> str:
-        return f"StreamingBlocks({self.data_cfg.source!r}, block_size={self.block_size})"
+from spikelm.train.packing import StreamingBlocks, TokenBlocks
 
 
 class _RankBatches:
@@ -216,4 +179,4 @@ def batch_loader(blocks: TokenBlocks | StreamingBlocks, micro_batch_size: int, *
     return loader(blocks, micro_batch_size, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle)
 
 
-__all__ = ["StreamingBlocks", "MapLoader", "StreamLoader", "batch_loader"]
+__all__ = ["MapLoader", "StreamLoader", "batch_loader"]

@@ -1,4 +1,5 @@
-"""Packed training data: tokenise a source once into memory-mapped blocks, cached by content.
+"""Packed training data: tokenise a source once into memory-mapped blocks, cached by content (docs/design.md,
+"Data pipeline and caches").
 
 Map-style (default): the source's documents are tokenised once with a batched ``datasets`` map (``num_proc``
 processes), an eos token is appended to every document, and the two splits are written as flat memory-mapped token
@@ -8,7 +9,7 @@ The hash covers the source files (paths, sizes, mtimes), the data settings, the 
 anything else changing means a new directory, and a directory only ever appears complete (``dist.build_once``).
 
 Streaming (``data.streaming: true``): documents are read, tokenised and packed on the fly by the loader
-(``loader.StreamingBlocks``); only the held-out blocks are written to the cache.
+(``StreamingBlocks``, read by ``loader.StreamLoader``); only the held-out blocks are written to the cache.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from spikelm.train.data_sources import (
     source_fingerprint,
     split_documents,
     split_texts,
+    streamed_heldout,
 )
 from spikelm.train.dist import build_once, rank_zero_first
-from spikelm.train.loader import StreamingBlocks
 from spikelm.train.tokenizer_cache import tokenizer_fingerprint
 
 if TYPE_CHECKING:
@@ -104,6 +105,39 @@ class TokenBlocks:
 
     def __repr__(self) -> str:
         return f"TokenBlocks({len(self)} blocks of {self.block_size}+1 tokens, {self.path})"
+
+
+class StreamingBlocks:
+    """The training split of a streamed source, tokenised and packed on the fly by ``StreamLoader`` (no ``len``).
+
+    ``documents(epoch, skip)`` yields the training texts of one pass over the stream after skipping ``skip`` raw
+    documents (held-out ones count), each paired with the raw position of the document that follows it.
+    """
+
+    def __init__(self, data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, block_size: int) -> None:
+        self.data_cfg = data_cfg
+        self.tokenizer = tokenizer
+        self.block_size = block_size
+        self._eos = tokenizer.eos_token_id
+
+    def documents(self, *, epoch: int, skip: int, shuffle: bool, seed: int) -> Iterator[tuple[int, str]]:
+        """(raw documents consumed after this one, text) for every training document from raw position ``skip``."""
+        stream = load_documents(self.data_cfg, streaming=True)
+        if shuffle:
+            # A seeded buffer shuffle is a deterministic function of (seed, epoch), so skipping ``skip`` documents
+            # of the same shuffled stream resumes exactly.
+            stream = stream.shuffle(seed=seed + epoch, buffer_size=self.data_cfg.shuffle_buffer)
+        for position, row in enumerate(stream.skip(skip) if skip else stream, start=skip + 1):
+            text = row["text"]
+            if text and not streamed_heldout(text, self.data_cfg):
+                yield position, text
+
+    def encode(self, text: str) -> list[int]:
+        """A document's ids followed by eos."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self._eos]
+
+    def __repr__(self) -> str:
+        return f"StreamingBlocks({self.data_cfg.source!r}, block_size={self.block_size})"
 
 
 def build_datasets(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, block_size: int,
@@ -290,4 +324,4 @@ def _too_small(split: str, tokens: int, block_size: int, data_cfg: DataConfig) -
     )
 
 
-__all__ = ["TokenBlocks", "build_datasets", "token_dtype", "DATA_CACHE_VERSION"]
+__all__ = ["TokenBlocks", "StreamingBlocks", "build_datasets", "token_dtype", "DATA_CACHE_VERSION"]
