@@ -1,13 +1,15 @@
-"""Process-group helpers shared by the data pipeline, the tokenizer cache and the training loop.
+"""Process-group and cache helpers shared by the data pipeline, the tokenizer cache and the training loop.
 
-Kept apart so that ``data`` and ``tokenizer_cache`` both use them without importing each other.
+Kept apart so that ``packing`` and ``tokenizer_cache`` both use them without importing each other.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -78,6 +80,28 @@ def read_hostfile(path: Path) -> dict[str, int]:
     return hosts
 
 
+def build_once(root: Path, key: str, build: Callable[[Path], None],
+               ready: Callable[[Path], bool] = Path.is_dir) -> Path:
+    """The cache entry ``root/key``, built once across processes and never seen half-written.
+
+    Under a file lock, unless ``ready(root/key)``, ``build`` fills a fresh temporary directory beside the entry, which
+    is then renamed into place (a leftover that is not ready is replaced). An interrupted build leaves only the
+    temporary directory, which is removed, so an entry appears complete or not at all.
+    """
+    final = root / key
+    with file_lock(root / f"{key}.lock"):
+        if not ready(final):
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
+            try:
+                build(tmp)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now (the rendezvous port of a launch)."""
     with socket.socket() as s:
@@ -97,5 +121,5 @@ def prepare_environment(master_port: int | None = None) -> None:
         os.environ["MASTER_PORT"] = str(master_port or free_port())
 
 
-__all__ = ["dist_world", "rank_zero_first", "file_lock", "free_port", "prepare_environment", "read_hostfile",
-           "LOCAL_HOSTS"]
+__all__ = ["dist_world", "rank_zero_first", "file_lock", "build_once", "free_port", "prepare_environment",
+           "read_hostfile", "LOCAL_HOSTS"]

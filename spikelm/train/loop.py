@@ -267,7 +267,9 @@ def setup(recipe: Recipe, run_dir: Path, *, resume: Path | None, no_resume: bool
 
     from spikelm.measure.evaluation import heldout_batches
     from spikelm.model.modeling import SpikeLMForCausalLM
-    from spikelm.train import data as spikedata
+    from spikelm.train.loader import batch_loader
+    from spikelm.train.packing import build_datasets
+    from spikelm.train.tokenizer_cache import check_vocab, prepare_tokenizer
 
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
@@ -278,11 +280,10 @@ def setup(recipe: Recipe, run_dir: Path, *, resume: Path | None, no_resume: bool
     cache_dir = cache_dir or Path(os.environ.get("SPIKELM_CACHE", Path.home() / ".cache" / "spikelm"))
 
     # Tokenizer and data (both build their caches on rank 0 first; the other ranks then read them).
-    tokenizer = spikedata.prepare_tokenizer(recipe.tokenizer, recipe.data, cache_dir)
-    train_blocks, heldout_blocks = spikedata.build_datasets(recipe.data, tokenizer, recipe.train.block_size,
-                                                            cache_dir)
+    tokenizer = prepare_tokenizer(recipe.tokenizer, recipe.data, cache_dir)
+    train_blocks, heldout_blocks = build_datasets(recipe.data, tokenizer, recipe.train.block_size, cache_dir)
     config = recipe.model_config(len(tokenizer))
-    spikedata.check_vocab(tokenizer, config)
+    check_vocab(tokenizer, config)
 
     # Resume point, read before building anything heavy so a mismatched recipe fails fast.
     checkpoint = None if no_resume else (resume or find_latest_checkpoint(run_dir))
@@ -305,8 +306,8 @@ def setup(recipe: Recipe, run_dir: Path, *, resume: Path | None, no_resume: bool
     optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
                                   eps=optim.eps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    loader = spikedata.BatchLoader(train_blocks, recipe.train.micro_batch_size, rank=rank, world_size=world_size,
-                                   seed=recipe.seed)
+    loader = batch_loader(train_blocks, recipe.train.micro_batch_size, rank=rank, world_size=world_size,
+                          seed=recipe.seed)
     step, tokens_seen = 0, 0
     if checkpoint is not None:
         trainer_state, rank_state = load_checkpoint(engine, checkpoint, rank=rank, world_size=world_size,

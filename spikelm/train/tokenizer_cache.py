@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,21 +20,20 @@ from spikelm.errors import SpikeLMError
 from spikelm.train.data_sources import (
     DataConfig,
     TokenizerConfig,
-    document_bucket,
-    is_heldout_bucket,
-    load_documents,
     resolve_source,
     selection_fingerprint,
     source_fingerprint,
-    split_documents,
+    split_texts,
+    take_chars,
 )
-from spikelm.train.dist import file_lock, rank_zero_first
+from spikelm.train.dist import build_once, rank_zero_first
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 # Bump when the way a tokenizer is trained changes, so old cache entries are not reused.
 TOKENIZER_CACHE_VERSION = 1
+CACHE_META = "spikelm_tokenizer_cache.json"  # written last into an entry: a directory without it is not finished
 
 
 def training_sample(data_cfg: DataConfig, max_chars: int, cache_dir: Path) -> list[str]:
@@ -44,24 +41,7 @@ def training_sample(data_cfg: DataConfig, max_chars: int, cache_dir: Path) -> li
 
     Returned as documents; the last one is cut so that the total is at most ``max_chars``.
     """
-    if data_cfg.streaming:
-        train_texts = (
-            row["text"] for row in load_documents(data_cfg, streaming=True)
-            if not is_heldout_bucket(document_bucket(row["text"]), data_cfg)
-        )
-    else:
-        ds = load_documents(data_cfg, streaming=False, cache_dir=cache_dir / "hf_datasets")
-        train_idx, _ = split_documents(ds, data_cfg)
-        train_texts = (row["text"] for row in ds.select(train_idx))
-    sample: list[str] = []
-    remaining = max_chars
-    for text in train_texts:
-        if not text:
-            continue
-        sample.append(text[:remaining])
-        remaining -= len(sample[-1])
-        if remaining <= 0:
-            break
+    sample = take_chars(split_texts(data_cfg, "train", cache_dir / "hf_datasets"), max_chars)
     if not any(t.strip() for t in sample):
         raise SpikeLMError(f"data.source {data_cfg.source!r} holds no text to train a tokenizer on; check the files")
     return sample
@@ -154,7 +134,7 @@ def _cached_for_source(root: Path, pointer: Path) -> Path | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None  # missing, or left half-written by a crash: read the sample instead
     final = root / str(key)
-    return final if (final / "spikelm_tokenizer_cache.json").is_file() else None
+    return final if (final / CACHE_META).is_file() else None
 
 
 def _prepare_cached(tok_cfg: TokenizerConfig, data_cfg: DataConfig, cache_dir: Path) -> PreTrainedTokenizerBase:
@@ -165,23 +145,19 @@ def _prepare_cached(tok_cfg: TokenizerConfig, data_cfg: DataConfig, cache_dir: P
         return _load(found)
     sample = training_sample(data_cfg, tok_cfg.sample_chars, cache_dir)
     key = _training_key(tok_cfg, sample)
-    final = root / key
-    root.mkdir(parents=True, exist_ok=True)
-    with file_lock(root / f"{key}.lock"):
-        if not final.is_dir():
-            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
-            try:
-                _train_into(tok_cfg, sample, tmp)
-                meta: dict[str, Any] = {"key": key, "vocab_size": tok_cfg.vocab_size,
-                                        "byte_fallback": tok_cfg.byte_fallback, "sample_chars": tok_cfg.sample_chars,
-                                        "sample_docs": len(sample), "source": data_cfg.source}
-                (tmp / "spikelm_tokenizer_cache.json").write_text(json.dumps(meta, indent=2))
-                os.replace(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        staged = pointer.with_name(f".{pointer.name}.{os.getpid()}")
-        staged.write_text(json.dumps({"key": key, "source": data_cfg.source}))
-        os.replace(staged, pointer)
+
+    def build(tmp: Path) -> None:
+        _train_into(tok_cfg, sample, tmp)
+        meta: dict[str, Any] = {"key": key, "vocab_size": tok_cfg.vocab_size, "byte_fallback": tok_cfg.byte_fallback,
+                                "sample_chars": tok_cfg.sample_chars, "sample_docs": len(sample),
+                                "source": data_cfg.source}
+        (tmp / CACHE_META).write_text(json.dumps(meta, indent=2))
+
+    final = build_once(root, key, build, ready=lambda path: (path / CACHE_META).is_file())
+    # The pointer is replaced atomically, so a reader sees the old one, the new one or none (then reads the sample).
+    staged = pointer.with_name(f".{pointer.name}.{os.getpid()}")
+    staged.write_text(json.dumps({"key": key, "source": data_cfg.source}))
+    os.replace(staged, pointer)
     return _load(final)
 
 
