@@ -61,9 +61,10 @@ class SpikeLMBlock(nn.Module):
 
     def __init__(self, config: SpikeLMConfig, layer_id: int) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        eps = config.block_layer_norm_epsilon(layer_id)
+        self.ln1 = nn.LayerNorm(config.hidden_size, eps=eps)
         self.time_mix = build_time_mix(config, layer_id)
-        self.ln2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.ln2 = nn.LayerNorm(config.hidden_size, eps=eps)
         self.channel_mix = ChannelMix(config, layer_id)
 
     def forward(self, x: Tensor, state: dict[str, Any] | None = None, mask: Tensor | None = None,
@@ -137,7 +138,8 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         # RWKV's ln0: normalises the embeddings before the first block.
         self.ln_in = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.layers = nn.ModuleList(SpikeLMBlock(config, i) for i in range(config.num_hidden_layers))
-        self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        eps_out = config.layer_norm_epsilon if config.ln_out_epsilon is None else config.ln_out_epsilon
+        self.ln_out = nn.LayerNorm(config.hidden_size, eps=eps_out)
         self.gradient_checkpointing = False
         for name, module in self.named_modules():
             if isinstance(module, SpikingLinear):
