@@ -55,20 +55,17 @@ class _SpikingMix(nn.Module):
     backend: str | None = None
 
     def _decoding_step_on_cpu(self, x: Tensor) -> bool:
-        # One token on CPU with the automatic backend (a generation step): the recurrence is the whole computation,
-        # and a handful of torch ops beat the chunked torch path (which pads the token to a full chunk) 5-10x. On
-        # CUDA the kernel dispatcher already picks its fused-recurrent Triton kernel for short inputs.
+        # The one-token path of the recurrence. One token on CPU with the automatic backend (a generation step): the
+        # recurrence is the whole computation, and a handful of torch ops beat the chunked torch path (which pads the
+        # token to a full chunk) 5-10x. On CUDA the kernel dispatcher already picks its fused-recurrent Triton kernel
+        # for short inputs.
         return self.backend is None and x.shape[1] == 1 and not x.is_cuda
 
     def _mixed_inputs(self, x: Tensor, previous: Tensor | None) -> Tensor:
-        """Each row of ``shift_mix`` blends x_t with x_{t-1}: ``[S, *x.shape]``.
-
-        ``x`` is a sequence ``[B, T, C]`` (x_{t-1} by ``token_shift``, ``previous [B, C]`` before the first token) or
-        one decoding step ``[B, C]`` (x_{t-1} is ``previous``).
-        """
-        shifted = previous.to(x.dtype) if x.dim() == 2 else token_shift(x, previous)
+        """Each row of ``shift_mix`` blends x_t with x_{t-1} (``token_shift``, ``previous [B, C]`` before the first
+        token): ``[S, B, T, C]``."""
         mix = self.shift_mix.to(x.dtype)
-        return torch.addcmul(x, shifted - x, mix.view(mix.shape[0], *[1] * (x.dim() - 1), mix.shape[1]))
+        return torch.addcmul(x, token_shift(x, previous) - x, mix.view(mix.shape[0], 1, 1, mix.shape[1]))
 
     def _scan_backend(self, x: Tensor) -> str | None:
         return "naive" if self._decoding_step_on_cpu(x) else self.backend
@@ -94,27 +91,6 @@ class _SpikingMix(nn.Module):
         if neuron_state is not None:
             new_state[name] = neuron_state
         return out
-
-    # The one-token decoding step (``step`` of each mix): the math of ``forward`` at T = 1 on ``[B, C]`` tensors,
-    # calling submodules' ``forward`` directly. Module calls and attribute lookups are most of a small model's
-    # decoding time on CPU; SpikeLMModel takes this path only when no submodule has hooks or was replaced (e.g. by
-    # a LoRA layer), where calling ``forward`` directly is exactly what ``__call__`` would do.
-
-    def _sites_step(self, names: tuple[str, ...], stacked: Tensor, state: State, new_state: State) -> list[Tensor]:
-        """``_sites`` for one token: stacked inputs ``[S, B, C]`` -> S outputs ``[B, out]``."""
-        sites = [getattr(self, name) for name in names]
-        if _fire_together(sites):
-            spikes, _ = sites[0].neuron.forward(stacked)  # a stateless per-token rule: any leading shape
-            return [site.project_step(spikes[i]) for i, site in enumerate(sites)]
-        return [self._site_step(name, stacked[i], state, new_state) for i, name in enumerate(names)]
-
-    def _site_step(self, name: str, x: Tensor, state: State, new_state: State) -> Tensor:
-        """``_site`` for one token ``x [B, C]``: the neuron sees ``[B, 1, C]`` (its scan, its observers)."""
-        site = getattr(self, name)
-        spikes, neuron_state = site.neuron.forward(x.unsqueeze(1), state.get(name))
-        if neuron_state is not None:
-            new_state[name] = neuron_state
-        return site.project_step(spikes.squeeze(1))
 
 
 def _fire_together(sites: list[nn.Module]) -> bool:
@@ -212,19 +188,6 @@ class RWKV6TimeMix(_SpikingMix):
         new_state["wkv"] = wkv_state
         return out, new_state
 
-    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        """One decoding step (see ``_SpikingMix``): ``x [B, C]`` and its state -> ``(out [B, C], new_state)``."""
-        B, C = x.shape
-        H, K = self.num_heads, self.head_size
-        new_state: State = {"shift": x}
-        mixed = self._mixed_inputs(x, state["shift"])  # (5, B, C)
-        r, k, v, g, decay_in = self._sites_step(self.MIXES, mixed, state, new_state)
-        log_decay = self._log_decay(self.decay_up.forward(torch.tanh(decay_in)))
-        wkv, new_state["wkv"] = wkv6_step(r.view(B, H, K), k.view(B, H, K), v.view(B, H, K),
-                                          log_decay.view(B, H, K), self.bonus.float(), state["wkv"])
-        out = self.group_norm.forward(wkv.view(B, C).to(x.dtype)) * F.silu(g)
-        return self._site_step("output", out, state, new_state), new_state
-
 
 class RWKV4TimeMix(_SpikingMix):
     """RWKV-4 / SpikeGPT time mix: per-channel vector WKV, sigmoid receptance, spiking inputs to every projection.
@@ -285,17 +248,6 @@ class RWKV4TimeMix(_SpikingMix):
         new_state["shift"] = x[:, -1]
         new_state["wkv"] = wkv_state
         return out, new_state
-
-    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        """One decoding step (see ``_SpikingMix``): ``x [B, C]`` and its state -> ``(out [B, C], new_state)``."""
-        new_state: State = {"shift": x}
-        mixed = self._mixed_inputs(x, state["shift"])  # (3, B, C)
-        k, v, r = self._sites_step(self.MIXES, mixed, state, new_state)
-        wkv, new_state["wkv"] = rwkv4_scan(-torch.exp(self.time_decay.float()), self.time_first.float(),
-                                           k.float().unsqueeze(1), v.float().unsqueeze(1), state["wkv"],
-                                           backend="naive")  # one token: the loop is a single step
-        r = torch.sigmoid(r)
-        return self._site_step("output", r * wkv.squeeze(1).to(r.dtype), state, new_state), new_state
 
 
 def build_time_mix(config: SpikeLMConfig, layer_id: int) -> RWKV6TimeMix | RWKV4TimeMix:
