@@ -48,6 +48,9 @@ def read_config(src: Path) -> dict[str, Any]:
         raise SpikeLMError(f"{src} is not a directory; give a SpikeLM export or a transformers RwkvForCausalLM "
                            "directory (config.json plus weights)")
     if not path.is_file():
+        if (src / "adapter_config.json").is_file():
+            raise SpikeLMError(f"{src} holds a peft adapter, not a model; merge it first "
+                               "(model.merge_and_unload().save_pretrained(dir)) and convert that directory")
         raise SpikeLMError(f"{path} does not exist: {src} is neither a SpikeLM export nor an RwkvForCausalLM directory")
     try:
         config = json.loads(path.read_text())

@@ -35,6 +35,12 @@ def kernel_backend(config: SpikeLMConfig) -> str | None:
     return None if config.kernel_backend == "auto" else config.kernel_backend
 
 
+def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)`` without the dispatcher round trip when ``x`` already has it (the usual case): a one-token
+    decoding step makes dozens of such calls, and each costs microseconds even though it returns ``x`` itself."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def mask_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
     """Zero ``x [B, T, C]`` where ``mask [B, T]`` is False (pads), so that no pad reaches a state or fires."""
     return x if mask is None else x * mask.unsqueeze(-1).to(x.dtype)
@@ -140,7 +146,7 @@ class AdaptiveNeuron(SpikingNeuron):
             y = counts * threshold if self.observers else counts.mul_(threshold)
         if self.observers:
             self._notify(counts, mask)
-        return y.to(x.dtype), None
+        return cast(y, x.dtype), None
 
     def fires_like(self, other: SpikingNeuron) -> bool:
         return isinstance(other, AdaptiveNeuron) and (other.k, other.max_spikes) == (self.k, self.max_spikes)
@@ -170,7 +176,7 @@ class LIFNeuron(SpikingNeuron):
                                     backend=self.backend)
         if self.observers:
             self._notify(spikes, mask)
-        return spikes.to(x.dtype), membrane
+        return cast(spikes, x.dtype), membrane
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, tau={self.tau}, v_th={self.threshold}, reset={self.reset!r}"
@@ -203,7 +209,7 @@ class GatedNeuron(SpikingNeuron):
                                        backend=self.backend)
         if self.observers:
             self._notify(counts, mask)
-        return (self.threshold * counts).to(x.dtype), new_state
+        return cast(self.threshold * counts, x.dtype), new_state
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, threshold={self.threshold}"
@@ -341,4 +347,4 @@ def expand_counts(counts: Tensor, encoding: str, max_count: int) -> Tensor:
 
 
 __all__ = ["SpikingNeuron", "AdaptiveNeuron", "LIFNeuron", "GatedNeuron", "IdentityNeuron", "SpikingLinear", "Synapses",
-           "build_neuron", "expand_counts", "time_steps", "mask_tokens", "kernel_backend", "ENCODINGS"]
+           "build_neuron", "expand_counts", "time_steps", "mask_tokens", "kernel_backend", "cast", "ENCODINGS"]
