@@ -22,7 +22,7 @@ from transformers import initialization as init
 
 from spikelm.kernels import rwkv4_scan, rwkv6_scan
 from spikelm.model.config import SpikeLMConfig
-from spikelm.model.neurons import SpikingLinear, cast, kernel_backend, mask_tokens
+from spikelm.model.neurons import SpikingLinear, SpikingNeuron, cast, kernel_backend, mask_tokens
 
 State = dict[str, Any]
 
@@ -78,10 +78,11 @@ class _SpikingMix(nn.Module):
         stack replaces S calls (identical results: the rule is per token); decoding is dominated by such small ops.
         """
         sites = [getattr(self, name) for name in names]
-        if _fire_together(sites):
+        neurons = [site.neuron for site in sites]  # once: each submodule lookup is a slow nn.Module.__getattr__
+        if _fire_together(neurons):
             S, B, T, C = stacked.shape
             stacked_mask = None if mask is None else mask.repeat(S, 1)
-            spikes, _ = sites[0].neuron(stacked.reshape(S * B, T, C), None, stacked_mask)
+            spikes, _ = neurons[0](stacked.reshape(S * B, T, C), None, stacked_mask)
             # unbind: S views in one op (S indexing ops cost S dispatches, a visible share of a decoding step)
             return [site.linear(s) for site, s in zip(sites, spikes.view(S, B, T, C).unbind(0), strict=True)]
         return [self._site(name, x, state, new_state, mask) for name, x in zip(names, stacked.unbind(0), strict=True)]
@@ -93,10 +94,11 @@ class _SpikingMix(nn.Module):
         return out
 
 
-def _fire_together(sites: list[nn.Module]) -> bool:
-    """Whether one neuron call on the sites' stacked inputs gives exactly what each site's own call gives."""
-    first = sites[0].neuron
-    return all(first.fires_like(site.neuron) and not site.neuron.observers for site in sites)
+def _fire_together(neurons: list[SpikingNeuron]) -> bool:
+    """Whether one call of the first neuron on the sites' stacked inputs gives exactly what each site's own call
+    gives."""
+    first = neurons[0]
+    return all(first.fires_like(neuron) and not neuron.observers for neuron in neurons)
 
 
 class RWKV6TimeMix(_SpikingMix):
