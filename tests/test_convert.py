@@ -118,6 +118,26 @@ def test_convert_keeps_the_source_neuron_and_applies_settings(converted):
         convert(converted, neuron="lif", overrides={"lif_tau": -1.0})
 
 
+def test_bin_and_sharded_checkpoints_convert_alike(rwkv_dir, converted, tmp_path):
+    # The RWKV-4 checkpoints on the hub are pytorch_model.bin files; large ones are sharded with an index.
+    tensors = load_file(rwkv_dir / "model.safetensors")
+    names = sorted(tensors)
+    binary = _edited_copy(rwkv_dir, tmp_path / "bin")
+    (binary / "model.safetensors").unlink()
+    torch.save(tensors, binary / "pytorch_model.bin")
+    sharded = _edited_copy(rwkv_dir, tmp_path / "sharded")
+    (sharded / "model.safetensors").unlink()
+    halves = {"part-1.safetensors": names[: len(names) // 2], "part-2.safetensors": names[len(names) // 2:]}
+    for file, part in halves.items():
+        save_file({name: tensors[name] for name in part}, sharded / file)
+    index = {"weight_map": {name: file for file, part in halves.items() for name in part}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    expected = SpikeLMForCausalLM.from_pretrained(converted).state_dict()
+    for source in (binary, sharded):
+        got = convert(source, neuron="none").state_dict()
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), source
+
+
 def test_a_failed_write_leaves_nothing(converted, tmp_path):
     class BrokenTokenizer:
         def save_pretrained(self, directory):
@@ -171,6 +191,8 @@ def test_bad_sources_fail_naming_the_file_or_tensor(rwkv_dir, tmp_path, capsys):
     _fails([str(deeper), out], capsys, f"tensor rwkv.blocks.{LAYERS}.ln1.weight is missing")
     shallower = _edited_copy(rwkv_dir, tmp_path / "shallower", num_hidden_layers=LAYERS - 1)
     _fails([str(shallower), out], capsys, f"tensor rwkv.blocks.{LAYERS - 1}.")
+    text = _edited_copy(rwkv_dir, tmp_path / "text", hidden_size="64")
+    _fails([str(text), out], capsys, "text/config.json: hidden_size='64' must be an integer")
     narrow = _edited_copy(rwkv_dir, tmp_path / "narrow", attention_hidden_size=32)
     _fails([str(narrow), out], capsys, "narrow/config.json: attention_hidden_size=32 differs from hidden_size=64")
     wider = _edited_copy(rwkv_dir, tmp_path / "wider", hidden_size=128, attention_hidden_size=128)

@@ -91,7 +91,8 @@ def load_tensors(src: Path) -> tuple[dict[str, Tensor], Path]:
 
 
 def _int_field(config: dict[str, Any], key: str, path: Path, default: Any = None) -> Any:
-    value = config.get(key, default)
+    value = config.get(key)
+    value = default if value is None else value
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise SpikeLMError(f"{path}: {key}={value!r} must be an integer")
     return value
