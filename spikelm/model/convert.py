@@ -1,4 +1,5 @@
-"""Start from an existing model: transformers' ``RwkvForCausalLM`` (RWKV-4) or a SpikeLM export under another neuron.
+"""Start from an existing model: transformers' ``RwkvForCausalLM`` (RWKV-4) or a SpikeLM export under another neuron
+(docs/design.md, "Conversion").
 
 ``convert(src, neuron=..., overrides=...)`` returns a ``SpikeLMForCausalLM`` holding the source's weights;
 ``save_converted`` writes it with the source's tokenizer, atomically. Every tensor is mapped by name and its shape
