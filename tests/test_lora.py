@@ -78,3 +78,9 @@ def test_event_decoding_runs_under_an_unmerged_adapter():
     assert synapses and all(m.event_driven and m._input_major_key is not None for m in synapses)
     assert torch.equal(event_tokens, dense_tokens)
     torch.testing.assert_close(event_scores, dense_scores, rtol=1e-4, atol=1e-4)
+    # peft merges through weight.data (no version bump): re-enabling event decoding rebuilds the input-major copies.
+    merged = model.merge_and_unload()
+    merged.set_event_decoding(True)
+    merged_tokens, merged_scores = greedy(merged, prompt)
+    assert torch.equal(merged_tokens, dense_tokens)
+    torch.testing.assert_close(merged_scores, dense_scores, rtol=1e-4, atol=1e-4)

@@ -299,7 +299,9 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
         its weight (built on first use, rebuilt when the weight changes; it doubles those weights' memory). Decoding
         steps whose weights stream from main memory get faster with the fraction of zero spikes; small models that
         fit in cache get slower (a gather costs more than a cached dense product). Training, full-sequence calls and
-        the dense twin's sites (``neuron: none``) are unaffected. ``enabled=False`` drops the copies.
+        the dense twin's sites (``neuron: none``) are unaffected. ``enabled=False`` drops the copies. Weight changes
+        are noticed by tensor version, which a write through ``weight.data`` does not bump (peft's ``merge`` /
+        ``merge_and_unload`` add the adapter that way): call this again after such a change to rebuild the copies.
         """
         for site in self.modules():
             if isinstance(site, SpikingLinear):

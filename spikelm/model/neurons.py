@@ -260,6 +260,8 @@ class Synapses(nn.Linear):
     of an input-major copy of the weight (``F.embedding_bag``). A decoding step reads every weight once from memory,
     so at sizes where the weights do not fit in cache the step time falls with the fraction of zero spikes. The copy
     costs the weight's memory again; it is rebuilt whenever the weight changes (another version, storage or dtype).
+    A write through ``weight.data`` bumps no version (peft's ``merge`` adds the adapter that way): after one, call
+    ``set_event_driven`` (``SpikeLMForCausalLM.set_event_decoding``) again to refresh the copy.
     Results equal the dense product up to float summation order. Training and multi-token calls stay dense.
     """
 
@@ -267,10 +269,10 @@ class Synapses(nn.Linear):
     _input_major_key: tuple | None = None  # what the input-major weight copy was built from
 
     def set_event_driven(self, enabled: bool) -> None:
+        """Switch event-driven calls on or off; either way the input-major copy is dropped (rebuilt on next use)."""
         self.event_driven = enabled
-        if not enabled:
-            self.__dict__.pop("_input_major", None)
-            self.__dict__.pop("_input_major_key", None)
+        self.__dict__.pop("_input_major", None)
+        self.__dict__.pop("_input_major_key", None)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, T, in]`` -> ``[B, T, out]``."""
