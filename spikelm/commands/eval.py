@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         raise SpikeLMError("--tokens and --batch-size must be >= 1")
     block_size = args.block_size
     if args.recipe is not None:
-        from spikelm.train.data import heldout_text
+        from spikelm.train.data_sources import heldout_text
         from spikelm.train.recipe import load_recipe
 
         recipe = load_recipe(args.recipe)

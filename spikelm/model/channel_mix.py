@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from transformers import initialization as init
 
 from spikelm.model.config import SpikeLMConfig
-from spikelm.model.neurons import SpikingLinear
-from spikelm.model.time_mix import State, _SpikingMix, channel_ramp, mask_tokens
+from spikelm.model.neurons import SpikingLinear, mask_tokens
+from spikelm.model.time_mix import State, _SpikingMix, channel_ramp
 
 
 class ChannelMix(_SpikingMix):
@@ -51,14 +51,6 @@ class ChannelMix(_SpikingMix):
         if not use_cache:
             return out, None
         new_state["shift"] = x[:, -1]
-        return out, new_state
-
-    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        """One decoding step (see ``_SpikingMix``): ``x [B, C]`` and its state -> ``(out [B, C], new_state)``."""
-        new_state: State = {"shift": x}
-        mixed = self._mixed_inputs(x, state["shift"])  # (2, B, C)
-        k, r = self._sites_step(("key", "receptance"), mixed, state, new_state)
-        out = torch.sigmoid(r) * self._site_step("value", torch.relu(k).square(), state, new_state)
         return out, new_state
 
 

@@ -35,8 +35,14 @@ def kernel_backend(config: SpikeLMConfig) -> str | None:
     return None if config.kernel_backend == "auto" else config.kernel_backend
 
 
-def _masked(x: Tensor, mask: Tensor | None) -> Tensor:
-    """Zero ``x [B, T, C]`` where ``mask [B, T]`` is False."""
+def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)`` without the dispatcher round trip when ``x`` already has it (the usual case): a one-token
+    decoding step makes dozens of such calls, and each costs microseconds even though it returns ``x`` itself."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def mask_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Zero ``x [B, T, C]`` where ``mask [B, T]`` is False (pads), so that no pad reaches a state or fires."""
     return x if mask is None else x * mask.unsqueeze(-1).to(x.dtype)
 
 
@@ -190,7 +196,7 @@ class AdaptiveNeuron(SpikingNeuron):
         return self.step_scale is None and self.surrogate == "ste" and self.mix == 1.0 and self.resolution == 1
 
     def forward(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> tuple[Tensor, None]:
-        x32 = _masked(x.float(), mask)
+        x32 = mask_tokens(x.float(), mask)
         training = torch.is_grad_enabled() and (x32.requires_grad or self.step_scale is not None)
         # mean(|x|) as one fused L1 reduction on the small [B, T, 1] result. No gradient flows through it (LSQ
         # learns the multiplier instead), so autograd need not record it.
@@ -206,7 +212,7 @@ class AdaptiveNeuron(SpikingNeuron):
             y, counts = self._general(x32, mean_abs, training)
         if self.observers:
             self._notify(counts, mask)
-        return y.to(x.dtype), None
+        return cast(y, x.dtype), None
 
     def _general(self, x32: Tensor, mean_abs: Tensor, training: bool) -> tuple[Tensor, Tensor]:
         """Learned multiplier, finer counts, clipped STE and/or phase-in (the options of the class docstring)."""
@@ -278,11 +284,11 @@ class LIFNeuron(SpikingNeuron):
         self.backend = backend
 
     def forward(self, x: Tensor, state: Tensor | None = None, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        spikes, membrane = lif_scan(_masked(x, mask), state, self.tau, self.threshold, self.reset, self.alpha,
+        spikes, membrane = lif_scan(mask_tokens(x, mask), state, self.tau, self.threshold, self.reset, self.alpha,
                                     backend=self.backend)
         if self.observers:
             self._notify(spikes, mask)
-        return spikes.to(x.dtype), membrane
+        return cast(spikes, x.dtype), membrane
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, tau={self.tau}, v_th={self.threshold}, reset={self.reset!r}"
@@ -311,11 +317,11 @@ class GatedNeuron(SpikingNeuron):
                 mask: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         current, accumulator = state if state is not None else (None, None)
         forget = torch.sigmoid(self.forget_logit.float())
-        counts, new_state = gated_scan(_masked(x, mask), forget, current, accumulator, self.bits, self.threshold,
+        counts, new_state = gated_scan(mask_tokens(x, mask), forget, current, accumulator, self.bits, self.threshold,
                                        backend=self.backend)
         if self.observers:
             self._notify(counts, mask)
-        return (self.threshold * counts).to(x.dtype), new_state
+        return cast(self.threshold * counts, x.dtype), new_state
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, threshold={self.threshold}"
@@ -333,7 +339,7 @@ class IdentityNeuron(SpikingNeuron):
         return isinstance(other, IdentityNeuron)
 
     def forward(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> tuple[Tensor, None]:
-        x = _masked(x, mask)
+        x = mask_tokens(x, mask)
         if self.observers:
             self._notify(x, mask)
         return x, None
@@ -359,8 +365,49 @@ def build_neuron(config: SpikeLMConfig, fan_out: int, channels: int | None = Non
     raise ValueError(f"SpikeLMConfig.neuron={config.neuron!r} is not one of 'adaptive', 'lif', 'gated', 'none'")
 
 
+class Synapses(nn.Linear):
+    """The weights behind a spike site: an ``nn.Linear`` (so LoRA and quantisation libraries wrap it like any other)
+    that can be event-driven.
+
+    With ``event_driven`` (``SpikeLMForCausalLM.set_event_decoding``), one-token calls without autograd read only the
+    synapses of inputs that fired: ``out[n] = sum over fired i of spikes[n, i] * W[:, i]``, a weighted gather of rows
+    of an input-major copy of the weight (``F.embedding_bag``). A decoding step reads every weight once from memory,
+    so at sizes where the weights do not fit in cache the step time falls with the fraction of zero spikes. The copy
+    costs the weight's memory again; it is rebuilt whenever the weight changes (another version, storage or dtype).
+    A write through ``weight.data`` bumps no version (peft's ``merge`` adds the adapter that way): after one, call
+    ``set_event_driven`` (``SpikeLMForCausalLM.set_event_decoding``) again to refresh the copy.
+    Results equal the dense product up to float summation order. Training and multi-token calls stay dense.
+    """
+
+    event_driven = False
+    _input_major_key: tuple | None = None  # what the input-major weight copy was built from
+
+    def set_event_driven(self, enabled: bool) -> None:
+        """Switch event-driven calls on or off; either way the input-major copy is dropped (rebuilt on next use)."""
+        self.event_driven = enabled
+        self.__dict__.pop("_input_major", None)
+        self.__dict__.pop("_input_major_key", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, T, in]`` -> ``[B, T, out]``."""
+        if not self.event_driven or x.dim() != 3 or x.shape[1] != 1 or torch.is_grad_enabled():
+            return super().forward(x)
+        weight = self.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if self._input_major_key != key:
+            self._input_major = weight.detach().t().contiguous()  # [in, out]: one row per input synapse bundle
+            self._input_major_key = key
+        spikes = x.reshape(-1, x.shape[-1])
+        rows, columns = spikes.nonzero(as_tuple=True)  # row-major order: each row's events are contiguous
+        per_row = torch.bincount(rows, minlength=spikes.shape[0])
+        out = F.embedding_bag(columns, self._input_major, torch.cumsum(per_row, 0) - per_row, mode="sum",
+                              per_sample_weights=spikes[rows, columns].to(weight.dtype))
+        out = out if self.bias is None else out + self.bias
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
 class SpikingLinear(nn.Module):
-    """A spike site followed by its synapses: ``linear(neuron(x))``, bias-free.
+    """A spike site followed by its synapses: ``linear(neuron(x))``, bias-free (``linear`` is a ``Synapses``).
 
     ``init_std`` (read by the model's weight init) scales the normal init of ``linear.weight``; output projections
     into the residual stream use a smaller one so a deep stack starts near the identity.
@@ -369,40 +416,23 @@ class SpikingLinear(nn.Module):
     def __init__(self, config: SpikeLMConfig, in_features: int, out_features: int, init_std: float | None = None):
         super().__init__()
         self.neuron = build_neuron(config, out_features, in_features)
-        self.linear = nn.Linear(in_features, out_features, bias=False)
+        self.linear = Synapses(in_features, out_features, bias=False)
         self.linear.init_std = config.initializer_range if init_std is None else init_std
-
-    # Event-driven projection of one decoding step (see project_step); set by SpikeLMForCausalLM.set_event_decoding.
-    event_driven = False
-    _input_major_key: tuple | None = None  # what the input-major weight copy was built from
 
     def forward(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> tuple[Tensor, Any]:
         """``x [B, T, in]`` -> ``(linear(spikes) [B, T, out], neuron state)``."""
         spikes, state = self.neuron(x, state, mask)
         return self.linear(spikes), state
 
-    def project_step(self, spikes: Tensor) -> Tensor:
-        """The synapses of one decoding step: ``spikes [N, in]`` (the neuron's output) -> ``[N, out]``.
 
-        Dense by default (``linear.forward``, as the decoding step calls it). With ``event_driven`` and no autograd,
-        only the synapses of inputs that fired are read: ``out[n] = sum over fired i of spikes[n, i] * W[:, i]``, a
-        weighted gather of rows of an input-major copy of the weight (``F.embedding_bag``). A decoding step reads every
-        weight once from memory, so at sizes where the weights do not fit in cache the step time falls with the
-        fraction of zero spikes. The copy costs the weight's memory again; it is rebuilt whenever the weight changes
-        (another version, storage or dtype). Results equal the dense product up to float summation order.
-        """
-        if not self.event_driven or torch.is_grad_enabled():
-            return self.linear.forward(spikes)
-        weight = self.linear.weight
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        if self._input_major_key != key:
-            self._input_major = weight.detach().t().contiguous()  # [in, out]: one row per input synapse bundle
-            self._input_major_key = key
-        rows, columns = spikes.nonzero(as_tuple=True)  # row-major order: each row's events are contiguous
-        per_row = torch.bincount(rows, minlength=spikes.shape[0])
-        out = F.embedding_bag(columns, self._input_major, torch.cumsum(per_row, 0) - per_row, mode="sum",
-                              per_sample_weights=spikes[rows, columns].to(weight.dtype))
-        return out if self.linear.bias is None else out + self.linear.bias
+def time_steps(encoding: str, max_count: int) -> int:
+    """Virtual time steps S of an event train that carries counts up to ``max_count``: ``max_count`` for the binary
+    and ternary trains, ``ceil(log2(max_count + 1))`` bits for the bitwise one."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding={encoding!r} is not one of {', '.join(map(repr, ENCODINGS))}")
+    if encoding == "bitwise":
+        return max(1, int(max_count).bit_length())  # == ceil(log2(max_count + 1))
+    return int(max_count)
 
 
 def expand_counts(counts: Tensor, encoding: str, max_count: int) -> Tensor:
@@ -417,22 +447,20 @@ def expand_counts(counts: Tensor, encoding: str, max_count: int) -> Tensor:
     Events have the dtype of ``counts``. Raises ``ValueError`` for an unknown encoding, a non-positive
     ``max_count``, or counts that are not integers within [-max_count, max_count].
     """
-    if encoding not in ENCODINGS:
-        raise ValueError(f"encoding={encoding!r} is not one of {', '.join(map(repr, ENCODINGS))}")
     if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count <= 0:
         raise ValueError(f"max_count={max_count!r} must be a positive integer (the neuron's max_count)")
+    steps = time_steps(encoding, max_count)
     magnitude = counts.abs()
     if counts.numel() and (bool((magnitude > max_count).any()) or not torch.equal(counts, torch.round(counts))):
         raise ValueError(f"counts must be integers in [-{max_count}, {max_count}]; got values in "
                          f"[{counts.min().item()}, {counts.max().item()}]")
     if encoding == "bitwise":
-        steps = max(1, math.ceil(math.log2(max_count + 1)))
         bits = torch.arange(steps, device=counts.device).view(-1, *([1] * counts.dim()))
         return ((magnitude.long().unsqueeze(0) >> bits) & 1).to(counts.dtype)
-    steps = torch.arange(max_count, device=counts.device).view(-1, *([1] * counts.dim()))
-    events = (steps < magnitude.unsqueeze(0)).to(counts.dtype)  # [S, ...]
+    step = torch.arange(steps, device=counts.device).view(-1, *([1] * counts.dim()))
+    events = (step < magnitude.unsqueeze(0)).to(counts.dtype)  # [S, ...]
     return events * torch.sign(counts).unsqueeze(0) if encoding == "ternary" else events
 
 
-__all__ = ["SpikingNeuron", "AdaptiveNeuron", "LIFNeuron", "GatedNeuron", "IdentityNeuron", "SpikingLinear",
-           "build_neuron", "expand_counts", "kernel_backend", "ENCODINGS"]
+__all__ = ["SpikingNeuron", "AdaptiveNeuron", "LIFNeuron", "GatedNeuron", "IdentityNeuron", "SpikingLinear", "Synapses",
+           "build_neuron", "expand_counts", "time_steps", "mask_tokens", "kernel_backend", "cast", "ENCODINGS"]

@@ -90,9 +90,11 @@ def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, targets: to
                  temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(1 - alpha) * CE + alpha * T^2 * KL(teacher || student)`` over ``[B, T, V]`` logits (fp32, mean over
     tokens); returns ``(loss, ce, kl)``."""
+    from spikelm.model.modeling import lm_cross_entropy
+
     vocab = logits.size(-1)
     student = logits.float().reshape(-1, vocab)
-    ce = F.cross_entropy(student, targets.reshape(-1))
+    ce = lm_cross_entropy(logits, targets)
     log_p_student = F.log_softmax(student / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab) / temperature, dim=-1)
     kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
