@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from spikelm.commands.model_dir import check_model_dir, load_model
 from spikelm.errors import SpikeLMError
 from spikelm.measure.energy import DEFAULT_ENERGY_TABLE, ENERGY_TABLES, EnergyTable, get_energy_table
 from spikelm.measure.sparsity import ENCODINGS, SparsityMonitor, SparsityReport
@@ -65,10 +66,7 @@ def _read_text(args: argparse.Namespace) -> str:
 
 
 def _load_model_and_tokenizer(model_dir: Path, device: torch.device) -> tuple[nn.Module, object]:
-    if not (model_dir / "config.json").is_file():
-        what = "does not exist" if not model_dir.exists() else "has no config.json"
-        raise SpikeLMError(f"model directory {model_dir} {what}; give a folder written by save_pretrained "
-                           "(e.g. the export/ folder of `spikelm train`)")
+    check_model_dir(model_dir)  # before the tokenizer, which reads config.json too and would take the blame
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import spikelm  # noqa: F401  (registers SpikeLM with the Auto classes)
@@ -81,7 +79,7 @@ def _load_model_and_tokenizer(model_dir: Path, device: torch.device) -> tuple[nn
         tokenizer = load_tokenizer(model_dir)
     except (OSError, ValueError) as err:
         raise SpikeLMError(f"no tokenizer could be loaded from {model_dir} ({err}); save it beside the model") from err
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    model = load_model(model_dir, AutoModelForCausalLM.from_pretrained).to(device).eval()
     return model, tokenizer
 
 

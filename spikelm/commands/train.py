@@ -3,21 +3,32 @@
 One process on CPU or one GPU needs no launcher (the rendezvous variables get single-process defaults).
 ``--nproc-per-node N`` re-launches this command under ``torchrun`` (gloo on CPU, NCCL on GPU) and ``--hostfile FILE``
 under the ``deepspeed`` launcher; each rank then runs ``spikelm.train.loop.train``.
+
+The process started by the user owns the run: it holds the run directory's lock (``spikelm.train.rundir``) for the
+run's life. A launcher forwards SIGINT/SIGTERM/SIGHUP to the launched job (whose ranks checkpoint and stop) and waits
+for it; if the launcher dies anyway (SIGKILL), the kernel signals the job (``PR_SET_PDEATHSIG``), so no rank outlives
+it and races the next run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from spikelm.errors import SpikeLMError
+from spikelm.train.checkpoint import find_latest_checkpoint, find_previous_checkpoint
 from spikelm.train.dist import free_port, prepare_environment
 from spikelm.train.recipe import load_recipe
+from spikelm.train.rundir import archive_previous_run, check_layout, run_lock
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "shakespeare-tiny.yaml"
 
@@ -33,9 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a recipe field, e.g. --set optim.lr=3e-4 (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<recipe name>)")
     parser.add_argument("--resume", type=Path, default=None,
-                        help="resume from this checkpoint folder (default: the run directory's latest, if any)")
+                        help="resume from this checkpoint folder, or 'previous' for the one before the run directory's "
+                        "latest (default: the latest, if any)")
     parser.add_argument("--no-resume", action="store_true",
-                        help="start from step 0 even if the run directory has checkpoints")
+                        help="start from step 0; a previous run's checkpoints, metrics and export in --out are moved "
+                        "to --out/archive/<time>/ first")
     parser.add_argument("--nproc-per-node", "--gpus", type=int, default=1,
                         help="processes on this node (one per GPU; on CPU, gloo processes); --gpus is the same")
     parser.add_argument("--hostfile", type=Path, default=None,
@@ -78,6 +91,25 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux; a no-op elsewhere).
+
+    Runs in the launched child (``preexec_fn``) and at the start of every launched rank: a SIGKILLed launcher cannot
+    forward anything, so the kernel does it.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent:  # the parent died before the request: no signal will come
+        os.kill(os.getpid(), sig)
+
+
 def _launch(args: argparse.Namespace) -> int:
     """Re-run this command under torchrun (one node) or the deepspeed launcher (hostfile) and wait for it."""
     port = str(args.master_port or free_port())
@@ -97,7 +129,52 @@ def _launch(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc_per_node),
                "--master_port", port, "-m", "spikelm", *child]
     print("spikelm train: launching " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=env)
+    return _run_forwarding_signals(cmd, env)
+
+
+def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
+    """Run ``cmd``, forwarding SIGINT/SIGTERM/SIGHUP to it, and return its exit code (130 after a signal).
+
+    The child gets its own session, so a Ctrl-C in the terminal reaches it once, through us (torchrun passes it on to
+    each rank, which checkpoints at the next step boundary and exits), not twice.
+    """
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        rc = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:  # we are leaving on an exception: take the job down with us
+            proc.kill()
+    if received:
+        print(f"spikelm train: stopped by signal {signal.Signals(received[0]).name}; the ranks saved a checkpoint. "
+              "Run the same command again to resume.", file=sys.stderr, flush=True)
+        return 130
+    return rc
+
+
+def _resolve_resume(args: argparse.Namespace) -> None:
+    """``--resume previous`` -> the checkpoint before the run directory's latest; check a given folder exists."""
+    if args.resume is None:
+        return
+    if str(args.resume) == "previous" and not args.resume.is_dir():
+        previous = find_previous_checkpoint(args.out)
+        if previous is None:
+            latest = find_latest_checkpoint(args.out)
+            have = f"only {latest.name}" if latest is not None else "no complete checkpoint"
+            raise SpikeLMError(f"--resume previous: {str(args.out)!r} has {have}, so there is no previous checkpoint")
+        print(f"spikelm train: --resume previous is {previous}", flush=True)
+        args.resume = previous
+    elif not args.resume.is_dir():
+        raise SpikeLMError(f"--resume {str(args.resume)!r} is not a checkpoint folder")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,11 +185,29 @@ def run(args: argparse.Namespace) -> int:
         raise SpikeLMError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
     if args.stop_at_step is not None and args.stop_at_step < 1:
         raise SpikeLMError(f"--stop-at-step must be >= 1, got {args.stop_at_step}")
-    if args.resume is not None and not args.resume.is_dir():
-        raise SpikeLMError(f"--resume {str(args.resume)!r} is not a checkpoint folder")
+    if args.no_resume and args.resume is not None:
+        raise SpikeLMError("--no-resume and --resume contradict each other; pass one of them")
+    if os.environ.get("SPIKELM_LAUNCHED"):
+        # A rank of a job we launched: the launcher owns the run directory and its lock, and must not be outlived.
+        die_with_parent()
+        return _train(args, recipe)
+    if os.environ.get("RANK", "0") != "0":
+        return _train(args, recipe)  # a rank of a job launched by the user's own torchrun: rank 0 owns the lock
     _check_writable(args.out)
-    if (args.nproc_per_node > 1 or args.hostfile is not None) and not os.environ.get("SPIKELM_LAUNCHED"):
-        return _launch(args)
+    check_layout(args.out)
+    with run_lock(args.out):
+        _resolve_resume(args)
+        if args.no_resume:
+            archive = archive_previous_run(args.out)
+            if archive is not None:
+                print(f"spikelm train: --no-resume: moved the previous run's checkpoints, metrics and export to "
+                      f"{archive}", flush=True)
+        if args.nproc_per_node > 1 or args.hostfile is not None:
+            return _launch(args)
+        return _train(args, recipe)
+
+
+def _train(args: argparse.Namespace, recipe: Any) -> int:
     prepare_environment(args.master_port)
     from spikelm.train.loop import train
 
@@ -120,4 +215,4 @@ def run(args: argparse.Namespace) -> int:
                  cache_dir=args.cache_dir, progress=not args.no_progress)
 
 
-__all__ = ["add_arguments", "run", "DEFAULT_RECIPE"]
+__all__ = ["add_arguments", "run", "die_with_parent", "DEFAULT_RECIPE"]
