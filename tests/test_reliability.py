@@ -1,0 +1,411 @@
+"""Nothing lost, nothing silently wrong: run-directory safety, safe checkpoint loading, one-line errors (issue 11)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import read_metrics, train_cli, write_corpus, write_tiny_recipe
+
+from spikelm.errors import SpikeLMError
+from spikelm.train.checkpoint import find_latest_checkpoint, read_trainer_state
+from spikelm.train.rundir import LOCK, run_lock
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def _steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in read_metrics(run_dir)]
+
+
+def _checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+
+
+# ------------------------------------------------------------------------------------------------ --no-resume
+
+
+def test_no_resume_archives_the_previous_run_and_keeps_the_new_checkpoints(tmp_path, corpus, cache, capsys):
+    recipe = write_tiny_recipe(tmp_path, corpus, train={"max_steps": 8}, checkpoint={"every_steps": 2, "keep_last": 2})
+    out = tmp_path / "run"
+    assert train_cli(recipe, out, cache) == 0
+    assert _checkpoints(out) == ["step-00000006", "step-00000008"]
+
+    assert train_cli(recipe, out, cache, "--no-resume", "--stop-at-step", "3") == 0
+    assert "moved the previous run's checkpoints" in capsys.readouterr().out
+    # The new run's checkpoints survive pruning and `latest` names one of them.
+    assert _checkpoints(out) == ["step-00000002", "step-00000003"]
+    assert find_latest_checkpoint(out).name == "step-00000003"
+    assert _steps(out) == [1, 2, 3]
+    # The old run is moved aside whole, not deleted.
+    (archive,) = (out / "archive").iterdir()
+    assert sorted(p.name for p in (archive / "checkpoints").glob("step-*")) == ["step-00000006", "step-00000008"]
+    assert [r["step"] for r in read_metrics(archive)] == list(range(1, 9))
+    assert (archive / "export" / "model.safetensors").is_file() and not (out / "export").exists()
+
+    # A plain rerun continues the new run from step 3, not the old one from step 8.
+    assert train_cli(recipe, out, cache) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert _steps(out) == list(range(1, 9))
+
+
+def test_prune_never_deletes_the_checkpoint_just_written(tmp_path):
+    from spikelm.train.checkpoint import COMPLETE, _prune
+
+    root = tmp_path / "checkpoints"
+    for step in (5, 10, 30, 40):
+        (root / f"step-{step:08d}").mkdir(parents=True)
+        (root / f"step-{step:08d}" / COMPLETE).write_text("{}")
+    current = root / "step-00000015"
+    current.mkdir()
+    (current / COMPLETE).write_text("{}")
+    _prune(root, current, keep_last=2)
+    # Later steps belong to another timeline (a resume from an older checkpoint): neither counted nor deleted.
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000010", "step-00000015", "step-00000030",
+                                                       "step-00000040"]
+
+
+# ------------------------------------------------------------------------------------------------ safe loading
+
+
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_pickle_in_trainer_state_does_not_run(tmp_path, corpus, cache, capsys):
+    recipe = write_tiny_recipe(tmp_path, corpus, train={"max_steps": 4})
+    out = tmp_path / "run"
+    assert train_cli(recipe, out, cache, "--stop-at-step", "2") == 0
+    checkpoint = find_latest_checkpoint(out)
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)  # our own file loads weights-only
+    marker = tmp_path / "pwned"
+    torch.save({**state, "payload": _Exploit(marker)}, checkpoint / "trainer_state.pt")
+
+    assert train_cli(recipe, tmp_path / "other", cache, "--resume", str(checkpoint)) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert "trainer_state.pt" in err and "refusing to unpickle" in err
+
+    # The same for a rank file.
+    torch.save(state, checkpoint / "trainer_state.pt")
+    rank_state = torch.load(checkpoint / "rank0.pt", weights_only=True)
+    torch.save({**rank_state, "payload": _Exploit(marker)}, checkpoint / "rank0.pt")
+    assert train_cli(recipe, out, cache) == 2
+    assert "rank0.pt" in capsys.readouterr().err and not marker.exists()
+
+
+def test_trainer_state_without_model_config_is_named(tmp_path, corpus, cache, capsys):
+    recipe = write_tiny_recipe(tmp_path, corpus, train={"max_steps": 4})
+    out = tmp_path / "run"
+    assert train_cli(recipe, out, cache, "--stop-at-step", "2") == 0
+    checkpoint = find_latest_checkpoint(out)
+    state = read_trainer_state(checkpoint)
+    del state["model_config"]
+    torch.save(state, checkpoint / "trainer_state.pt")
+    assert train_cli(recipe, out, cache) == 2
+    err = capsys.readouterr().err
+    assert "trainer_state.pt" in err and "'model_config'" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------ run lock
+
+
+def test_a_second_run_in_the_same_directory_is_refused(tmp_path, corpus, cache, capsys):
+    recipe = write_tiny_recipe(tmp_path, corpus, train={"max_steps": 2})
+    out = tmp_path / "run"
+    out.mkdir()
+    # Another process holds the run directory (as a running `spikelm train` does).
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from spikelm.train.rundir import run_lock\n"
+                               "with run_lock(Path(sys.argv[1])):\n print('held', flush=True); time.sleep(60)",
+                               str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert train_cli(recipe, out, cache) == 2
+        err = capsys.readouterr().err
+        assert "in use by a running spikelm train" in err and f"pid {holder.pid}" in err
+        assert not (out / "metrics.jsonl").exists()
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays behind with the dead holder's PID
+        holder.wait()
+    assert f"pid {holder.pid}" in (out / LOCK).read_text()
+    # A stale lock of a dead process is taken over.
+    assert train_cli(recipe, out, cache) == 0
+    assert _steps(out) == [1, 2]
+    assert (out / LOCK).read_text() == ""  # released on exit
+
+
+def test_run_lock_is_released_on_error(tmp_path):
+    with pytest.raises(RuntimeError), run_lock(tmp_path):
+        raise RuntimeError("boom")
+    with run_lock(tmp_path), pytest.raises(SpikeLMError, match="in use"), run_lock(tmp_path):
+        pass
+
+
+# ------------------------------------------------------------------------------------------------ overrides
+
+
+@pytest.mark.parametrize(("override", "typed"), [
+    ("deepspeed.config.zero_optimization.stage=3", "deepspeed.zero_stage"),
+    ("deepspeed.config.train_batch_size=999", "train.micro_batch_size"),
+    ("deepspeed.config.bf16.enabled=true", "precision"),
+])
+def test_deepspeed_config_overrides_of_typed_fields_are_refused(tmp_path, corpus, cache, capsys, override, typed):
+    recipe = write_tiny_recipe(tmp_path, corpus)
+    assert train_cli(recipe, tmp_path / "run", cache, "--set", override) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert override.split("=")[0] in err and typed in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_non_finite_learning_rate_is_refused(tmp_path, corpus, cache, capsys):
+    recipe = write_tiny_recipe(tmp_path, corpus)
+    assert train_cli(recipe, tmp_path / "run", cache, "--set", "optim.lr=inf") == 2
+    assert "optim.lr" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ run directory
+
+
+def test_a_file_named_checkpoints_is_refused_before_training(tmp_path, corpus, cache, capsys):
+    recipe = write_tiny_recipe(tmp_path, corpus)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("not a folder")
+    assert train_cli(recipe, out, cache) == 2
+    assert "checkpoints" in capsys.readouterr().err
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(tmp_path, corpus, cache, capsys,
+                                                                        monkeypatch):
+    import spikelm.train.checkpoint as checkpoint_module
+
+    recipe = write_tiny_recipe(tmp_path, corpus, train={"max_steps": 6}, checkpoint={"every_steps": 2})
+    out = tmp_path / "run"
+    assert train_cli(recipe, out, cache, "--stop-at-step", "2") == 0
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if "trainer_state" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    assert train_cli(recipe, out, cache) == 2
+    err = capsys.readouterr().err
+    assert "no space left" in err and "step-00000002" in err and "Traceback" not in err
+    assert find_latest_checkpoint(out).name == "step-00000002"
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    monkeypatch.undo()
+    assert train_cli(recipe, out, cache) == 0
+    assert _steps(out) == list(range(1, 7))
+
+
+def test_a_damaged_engine_file_names_the_fix_and_resume_previous_falls_back(tmp_path, corpus, cache, capsys):
+    recipe = write_tiny_recipe(tmp_path, corpus, train={"max_steps": 6}, checkpoint={"every_steps": 2, "keep_last": 3})
+    out = tmp_path / "run"
+    assert train_cli(recipe, out, cache, "--stop-at-step", "4") == 0
+    latest = find_latest_checkpoint(out)
+    assert latest.name == "step-00000004"
+    for file in (latest / "engine").rglob("*.pt"):
+        file.write_bytes(file.read_bytes()[:100])  # truncated
+    assert train_cli(recipe, out, cache) == 2
+    err = capsys.readouterr().err
+    assert "delete or move" in err and "--resume previous" in err and "world size 1, now 1" not in err
+    assert train_cli(recipe, out, cache, "--resume", "previous") == 0
+    output = capsys.readouterr().out
+    assert "step-00000002" in output and "resumed from" in output
+    assert _steps(out) == list(range(1, 7))
+    assert (latest / "COMPLETE").is_file() or not latest.exists()  # step 4 was rewritten by the resumed run
+    assert train_cli(recipe, tmp_path / "empty", cache, "--resume", "previous") == 2
+    assert "no previous checkpoint" in capsys.readouterr().err
+
+
+def test_a_non_utf8_data_file_is_named_with_the_byte_offset(tmp_path, cache, capsys):
+    data = tmp_path / "latin1.txt"
+    data.write_bytes(b"Hello world.\n\n" * 200 + "Caf\u00e9 cr\u00e8me\n".encode("latin-1"))
+    recipe = write_tiny_recipe(tmp_path, data)
+    assert train_cli(recipe, tmp_path / "run", cache) == 2
+    err = capsys.readouterr().err
+    assert str(data) in err and f"offset {14 * 200 + 3}" in err and "Traceback" not in err
+
+
+def test_first_invalid_utf8_counts_across_chunks(tmp_path):
+    from spikelm.train.data_sources import first_invalid_utf8
+
+    path = tmp_path / "t.txt"
+    path.write_bytes("ab\u00e9".encode() + b"cd\xff")
+    assert first_invalid_utf8(path, chunk=3) == 6  # the 2-byte "é" straddles the chunk boundary
+    path.write_bytes("ab\u00e9".encode())
+    assert first_invalid_utf8(path, chunk=3) is None
+    path.write_bytes(b"ab\xc3")  # a truncated multi-byte character at the end
+    assert first_invalid_utf8(path, chunk=2) == 2
+
+
+# ------------------------------------------------------------------------------------------------ saved models
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory: pytest.TempPathFactory, corpus: Path, cache: Path) -> Path:
+    directory = tmp_path_factory.mktemp("export")
+    recipe = write_tiny_recipe(directory, corpus, train={"max_steps": 1})
+    assert train_cli(recipe, directory / "run", cache) == 0
+    return directory / "run" / "export"
+
+
+def _damaged_copy(export_dir: Path, tmp_path: Path, damage: str) -> Path:
+    model_dir = tmp_path / "model"
+    shutil.copytree(export_dir, model_dir)
+    if damage == "config":
+        (model_dir / "config.json").write_text('{"model_type": "spikelm", "hidden_')
+    else:
+        weights = model_dir / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return model_dir
+
+
+@pytest.mark.parametrize("damage", ["config", "weights"])
+@pytest.mark.parametrize("command", ["generate", "eval", "sparsity"])
+def test_a_damaged_model_directory_is_one_line_naming_the_file(export_dir, corpus, tmp_path, capsys, damage, command):
+    from spikelm.commands.main import main
+
+    model_dir = _damaged_copy(export_dir, tmp_path, damage)
+    argv = {"generate": ["generate", str(model_dir), "ROMEO:"],
+            "eval": ["eval", str(model_dir), "--text", str(corpus)],
+            "sparsity": ["sparsity", str(model_dir), "--text", str(corpus)]}[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert ("config.json" if damage == "config" else "model.safetensors") in err
+    assert "tokenizer" not in err
+
+
+@pytest.mark.parametrize("value", ["-5", "0"])
+def test_eval_block_size_must_be_positive(export_dir, corpus, capsys, value):
+    from spikelm.commands.main import main
+
+    assert main(["eval", str(export_dir), "--text", str(corpus), "--block-size", value]) == 2
+    assert f"--block-size {value}" in capsys.readouterr().err
+
+
+def test_eval_reports_the_tokens_it_scored(export_dir, corpus, tmp_path, capsys):
+    from spikelm.commands.main import main
+
+    assert main(["eval", str(export_dir), "--text", str(corpus), "--tokens", "100", "--block-size", "16",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["tokens"] == 100
+    assert "tokens 100" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ signals
+
+
+def _descendants(pid: int) -> set[int]:
+    """PIDs of every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _launch_two_ranks(recipe: Path, out: Path, cache: Path, *extra: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "SPIKELM_LAUNCHED")}
+    cmd = [sys.executable, "-m", "spikelm", "train", str(recipe), "--out", str(out), "--cache-dir", str(cache),
+           "--no-progress", "--nproc-per-node", "2", *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(out: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no training step within {timeout} s:\n{proc.communicate()[0] if proc.poll() else ''}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_a_signal_to_the_launcher_stops_every_rank_and_the_run_resumes_exactly(tmp_path, corpus, cache, how):
+    steps = 400
+    sections = {"train": {"max_steps": steps, "micro_batch_size": 2}, "eval": {"every_steps": 0, "sample_tokens": 0},
+                "export": {"enabled": False}}
+    recipe = write_tiny_recipe(tmp_path, corpus, **sections)
+    out = tmp_path / "run"
+    proc = _launch_two_ranks(recipe, out, cache)
+    try:
+        _wait_for_step(out, proc)
+        ranks = _descendants(proc.pid)
+        assert len(ranks) >= 3  # torchrun and its two ranks
+        os.kill(proc.pid, signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        deadline = time.time() + 30
+        while time.time() < deadline and any(_alive(p) for p in ranks):
+            time.sleep(0.1)
+        assert not [p for p in ranks if _alive(p)], "ranks outlived the launcher"
+        output = proc.communicate(timeout=30)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if how == "sigterm":
+        assert proc.returncode == 130, output
+    # The ranks checkpointed the step they were on; no step ran after it.
+    stopped = find_latest_checkpoint(out)
+    assert stopped is not None, output
+    at = int(stopped.name.split("-")[1])
+    assert 1 <= at < steps and max(_steps(out)) == at
+
+    if how == "sigkill":
+        return  # the kernel's signal reached torchrun, which stopped the ranks as above; resuming is the same
+    # Resume in two processes for two more steps; the curve equals an uninterrupted two-process run's.
+    stop = ["--stop-at-step", str(at + 2)]
+    proc = _launch_two_ranks(recipe, out, cache, *stop)
+    assert proc.wait(timeout=300) == 0, proc.communicate()[0]
+    straight = tmp_path / "straight"
+    proc = _launch_two_ranks(recipe, straight, cache, *stop)
+    assert proc.wait(timeout=300) == 0, proc.communicate()[0]
+    resumed, expected = ({r["step"]: r["loss"] for r in read_metrics(run)} for run in (out, straight))
+    assert sorted(resumed) == sorted(expected) == list(range(1, at + 3))
+    assert [resumed[s] for s in sorted(resumed)] == pytest.approx([expected[s] for s in sorted(expected)],
+                                                                  rel=1e-6, abs=1e-7)
