@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -221,12 +222,13 @@ def _load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err) or "Unsupported" in str(err):
-            raise SpikeLMError(f"checkpoint file {str(path)!r} holds objects other than plain values and tensors; "
-                               "refusing to unpickle it (it could run code). spikelm never writes such files: "
-                               "it was crafted or written by another program") from err
-        raise SpikeLMError(f"checkpoint file {str(path)!r} is corrupt ({err}); delete {str(path.parent)!r} to "
-                           "resume from an older checkpoint") from err
+        unsafe = re.search(r"GLOBAL (\S+)", str(err))
+        if unsafe:  # the pickle imports a callable: what an exploit does, and what spikelm never writes
+            raise SpikeLMError(f"checkpoint file {str(path)!r} refers to {unsafe.group(1)}, not only plain values "
+                               "and tensors; refusing to unpickle it (it could run code). spikelm never writes such "
+                               "files: it was crafted or written by another program") from None
+        raise SpikeLMError(f"checkpoint file {str(path)!r} is corrupt (not a torch.save file); delete "
+                           f"{str(path.parent)!r} to resume from an older checkpoint") from None
     except Exception as err:  # torch raises many types for a truncated/garbled file
         raise SpikeLMError(f"checkpoint file {str(path)!r} is corrupt ({type(err).__name__}: {err}); delete "
                            f"{str(path.parent)!r} to resume from an older checkpoint") from err
