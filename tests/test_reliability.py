@@ -186,6 +186,37 @@ def test_non_finite_learning_rate_is_refused(tmp_path, corpus, cache, capsys):
     assert "optim.lr" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def test_rerunning_a_finished_run_adds_nothing_and_a_changed_recipe_is_recorded(tmp_path, corpus, cache, capsys):
+    recipe = write_tiny_recipe(tmp_path, corpus, train={"max_steps": 3})
+    out = tmp_path / "run"
+    assert train_cli(recipe, out, cache) == 0
+    assert "held-out tokens)" in capsys.readouterr().out  # the eval line says how much it scored
+    before = (out / "metrics.jsonl").read_text()
+    assert train_cli(recipe, out, cache) == 0
+    assert "finished at step 3 already" in capsys.readouterr().out
+    assert (out / "metrics.jsonl").read_text() == before  # no second final eval row
+
+    assert train_cli(recipe, out, cache, "--set", "train.max_steps=4", "--set", "optim.lr=0.005") == 0
+    assert "optim.lr: 0.01 -> 0.005" in capsys.readouterr().out
+    (change,) = read_metrics(out, "recipe_change")
+    assert change["step"] == 3 and change["changes"]["optim.lr"] == [0.01, 0.005]
+    assert change["changes"]["train.max_steps"] == [3, 4]
+    assert _steps(out) == [1, 2, 3, 4]
+
+
+def test_divergence_before_any_checkpoint_says_so(tmp_path, corpus, cache, capsys, monkeypatch):
+    import spikelm.train.loop as loop
+
+    recipe = write_tiny_recipe(tmp_path, corpus, train={"max_steps": 3})
+    monkeypatch.setattr(loop, "lm_loss", lambda logits, targets: logits.sum() * float("inf"))
+    assert train_cli(recipe, tmp_path / "run", cache) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint was written yet" in err and "last good checkpoint" not in err
+
+
 # ------------------------------------------------------------------------------------------------ run directory
 
 

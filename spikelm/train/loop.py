@@ -337,6 +337,11 @@ def setup(recipe: Recipe, run_dir: Path, *, resume: Path | None, no_resume: bool
               step=step, tokens_seen=tokens_seen, saved_step=step if checkpoint is not None else -1)
     if checkpoint is not None:
         run.say(f"resumed from {checkpoint} at step {step}")
+        changes = _recipe_changes(trainer_state.get("recipe", {}), recipe.to_dict())
+        if changes:  # allowed (e.g. a lower lr after a divergence), but never silent: logged in metrics.jsonl
+            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+            run.say(f"spikelm train: the recipe differs from the checkpoint's: {listed} (recorded in metrics.jsonl)")
+            run.metrics.write({"kind": "recipe_change", "step": step, "changes": changes, "time": time.time()})
     if run.is_main:
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     _describe(run, train_blocks, heldout_blocks)
@@ -376,10 +381,11 @@ def train_step(run: Run, *, with_grad_norm: bool) -> dict[str, Any]:
         loss = lm_loss(engine(input_ids=batch[:, :-1]).logits, batch[:, 1:])
         micro_loss = _mean_over_ranks(loss, run.world_size)
         if not math.isfinite(micro_loss):
+            kept = (f"the last good checkpoint (step {run.saved_step}) is kept" if run.saved_step >= 0 else
+                    "no checkpoint was written yet")
             raise TrainingDiverged(
                 f"the loss became {micro_loss} at step {run.step + 1} (lr {lr:.3g}); stopped before updating "
-                "the weights. The last good checkpoint is kept; lower optim.lr or raise "
-                "optim.warmup_steps and resume")
+                f"the weights; {kept}. Lower optim.lr or raise optim.warmup_steps and run again")
         engine.backward(loss)
         if with_grad_norm and engine.is_gradient_accumulation_boundary() and recipe.deepspeed.zero_stage == 0:
             grad_norm = _grad_norm(engine.module)  # all-reduced by the boundary backward, cleared by the step
@@ -412,7 +418,8 @@ def evaluate(run: Run, *, write: Any = print) -> dict[str, Any]:
                                 recipe.seed, run.device)
     engine.train()
     bpb = f"{result.bits_per_byte:.3f}" if result.bits_per_byte is not None else "n/a"
-    message = f"eval step {run.step}: loss {result.loss:.4f}  ppl {result.perplexity:.2f}  bits/byte {bpb}"
+    message = (f"eval step {run.step}: loss {result.loss:.4f}  ppl {result.perplexity:.2f}  bits/byte {bpb}  "
+               f"({result.tokens} held-out tokens)")
     if "zero_fraction" in row:
         message += f"  zero fraction {row['zero_fraction']:.3f}"
     if "sample" in row:
@@ -444,15 +451,40 @@ def finish(run: Run, stopped_by: str | None, *, write: Any = print) -> int:
                 "command again to resume.")
         run.metrics.close()
         return 130 if stopped_by == "signal" else 0
-    final_eval = evaluate(run, write=write)
+    logged = _logged_eval(run) if run.saved_step == run.step else None
+    if logged is not None:  # a rerun of a finished run: its final evaluation is in metrics.jsonl already
+        run.say(f"spikelm train: the run finished at step {run.step} already; nothing to train")
+    final_eval = logged or evaluate(run, write=write)
     if run.saved_step != run.step:
         save(run)
-    if run.recipe.export.enabled:
+    if run.recipe.export.enabled and not (logged is not None and (run.run_dir / "export").is_dir()):
         export_dir = export(run.engine, run.tokenizer, run.run_dir, rank=run.rank)
         run.say(f"exported the model and tokenizer to {export_dir}")
     run.metrics.close()
     run.say(f"done: {run.step} steps, {run.tokens_seen / 1e6:.2f}M tokens, held-out loss {final_eval['loss']:.4f}")
     return 0
+
+
+def _logged_eval(run: Run) -> dict[str, Any] | None:
+    """The eval row of the current step in ``metrics.jsonl`` (rank 0 reads it; every rank learns whether it exists)."""
+    row = None
+    if run.is_main and run.metrics.path.is_file():
+        rows = [json.loads(line) for line in run.metrics.path.read_text().splitlines() if line.strip()]
+        row = next((r for r in reversed(rows) if r.get("kind") == "eval" and r.get("step") == run.step), None)
+    found = _all_ranks_any(row is not None, run.world_size)
+    return (row or {"loss": float("nan")}) if found else None
+
+
+def _recipe_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> dict[str, list[Any]]:
+    """``{"optim.lr": [old, new], ...}``: the recipe fields that differ from a checkpoint's recipe."""
+    changes: dict[str, list[Any]] = {}
+    for key in sorted(set(saved) | set(now)):
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes.update(_recipe_changes(old, new, f"{prefix}{key}."))
+        elif old != new:
+            changes[f"{prefix}{key}"] = [old, new]
+    return changes
 
 
 def fp32_state_dict(engine: Any, *, rank: int) -> dict[str, torch.Tensor] | None:
