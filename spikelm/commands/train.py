@@ -129,11 +129,17 @@ def _launch(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc_per_node),
                "--master_port", port, "-m", "spikelm", *child]
     print("spikelm train: launching " + " ".join(cmd), flush=True)
-    return _run_forwarding_signals(cmd, env)
+    rc, received = _run_forwarding_signals(cmd, env)
+    if received is None:
+        return rc
+    latest = find_latest_checkpoint(args.out)
+    print(f"spikelm train: stopped by {signal.Signals(received).name}; latest checkpoint: {latest}. Run the same "
+          "command again to resume.", file=sys.stderr, flush=True)
+    return 130
 
 
-def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
-    """Run ``cmd``, forwarding SIGINT/SIGTERM/SIGHUP to it, and return its exit code (130 after a signal).
+def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> tuple[int, int | None]:
+    """Run ``cmd``, forwarding SIGINT/SIGTERM/SIGHUP to it; returns its exit code and the first signal forwarded.
 
     The child gets its own session, so a Ctrl-C in the terminal reaches it once, through us (torchrun passes it on to
     each rank, which checkpoints at the next step boundary and exits), not twice.
@@ -154,11 +160,7 @@ def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
             signal.signal(sig, handler)
         if proc.poll() is None:  # we are leaving on an exception: take the job down with us
             proc.kill()
-    if received:
-        print(f"spikelm train: stopped by signal {signal.Signals(received[0]).name}; the ranks saved a checkpoint. "
-              "Run the same command again to resume.", file=sys.stderr, flush=True)
-        return 130
-    return rc
+    return rc, (received[0] if received else None)
 
 
 def _resolve_resume(args: argparse.Namespace) -> None:
