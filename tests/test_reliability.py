@@ -115,6 +115,33 @@ def test_a_crafted_pickle_in_trainer_state_does_not_run(tmp_path, corpus, cache,
     assert "rank0.pt" in capsys.readouterr().err and not marker.exists()
 
 
+def test_deepspeed_engine_files_are_scanned_before_deepspeed_unpickles_them(tmp_path, corpus, cache, capsys,
+                                                                             monkeypatch):
+    import argparse
+
+    from spikelm.train.checkpoint import TRUST_ENV
+
+    recipe = write_tiny_recipe(tmp_path, corpus, train={"max_steps": 3})
+    out = tmp_path / "run"
+    assert train_cli(recipe, out, cache, "--stop-at-step", "2") == 0
+    (engine_file,) = (find_latest_checkpoint(out) / "engine").glob("*model_states.pt")
+    real = torch.load(engine_file, weights_only=False)
+    marker = tmp_path / "pwned"
+    torch.save({**real, "payload": _Exploit(marker)}, engine_file)
+    assert train_cli(recipe, out, cache) == 2
+    err = capsys.readouterr().err
+    assert "system" in err and "refusing to load" in err and "--trust-checkpoint" in err
+    assert not marker.exists()
+
+    # An object DeepSpeed never writes, but harmless: refused unless the user vouches for the checkpoint.
+    torch.save({**real, "extra": argparse.Namespace(note="mine")}, engine_file)
+    assert train_cli(recipe, out, cache) == 2
+    assert "argparse.Namespace" in capsys.readouterr().err
+    monkeypatch.setenv(TRUST_ENV, "0")  # restored after the test: --trust-checkpoint sets it for this process
+    assert train_cli(recipe, out, cache, "--trust-checkpoint") == 0
+    assert _steps(out) == [1, 2, 3]
+
+
 def test_trainer_state_without_model_config_is_named(tmp_path, corpus, cache, capsys):
     recipe = write_tiny_recipe(tmp_path, corpus, train={"max_steps": 4})
     out = tmp_path / "run"

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from spikelm.errors import SpikeLMError
-from spikelm.train.checkpoint import find_latest_checkpoint, find_previous_checkpoint
+from spikelm.train.checkpoint import TRUST_ENV, find_latest_checkpoint, find_previous_checkpoint
 from spikelm.train.dist import free_port, prepare_environment
 from spikelm.train.recipe import load_recipe
 from spikelm.train.rundir import archive_previous_run, check_layout, run_lock
@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-resume", action="store_true",
                         help="start from step 0; a previous run's checkpoints, metrics and export in --out are moved "
                         "to --out/archive/<time>/ first")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="skip the check that DeepSpeed's pickled engine files refer only to tensors and DeepSpeed "
+                        "state (only for checkpoints you wrote yourself: unpickling can run code)")
     parser.add_argument("--nproc-per-node", "--gpus", type=int, default=1,
                         help="processes on this node (one per GPU; on CPU, gloo processes); --gpus is the same")
     parser.add_argument("--hostfile", type=Path, default=None,
@@ -187,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
         raise SpikeLMError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
     if args.stop_at_step is not None and args.stop_at_step < 1:
         raise SpikeLMError(f"--stop-at-step must be >= 1, got {args.stop_at_step}")
+    if args.trust_checkpoint:
+        os.environ[TRUST_ENV] = "1"  # the launched ranks inherit it
     if args.no_resume and args.resume is not None:
         raise SpikeLMError("--no-resume and --resume contradict each other; pass one of them")
     if os.environ.get("SPIKELM_LAUNCHED"):

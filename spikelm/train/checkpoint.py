@@ -16,6 +16,8 @@ you trust (see README.md, "Reliability and safety").
 from __future__ import annotations
 
 import errno
+import importlib
+import io
 import json
 import os
 import pickle
@@ -25,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +257,106 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     return state
 
 
+# What DeepSpeed's own checkpoint pickles may refer to: tensors and their storages, dtypes, ordered dicts, and
+# DeepSpeed's state classes. Anything else (os.system, builtins.eval, any function) is what an exploit needs.
+_SAFE_GLOBALS = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+                 ("builtins", "slice"), ("torch", "Size"), ("torch", "Tensor"), ("torch", "device"),
+                 ("torch._tensor", "_rebuild_from_type_v2"), ("torch.nn.parameter", "Parameter"),
+                 ("torch.serialization", "_get_layout")}
+TRUST_ENV = "SPIKELM_TRUST_CHECKPOINT"
+
+
+def _safe_global(module: str, name: str) -> bool:
+    if (module, name) in _SAFE_GLOBALS:
+        return True
+    if module == "torch._utils" and name.startswith("_rebuild_"):
+        return True
+    if module == "torch" and (name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype)):
+        return True
+    if module == "deepspeed" or module.startswith("deepspeed."):  # DeepSpeed's state classes, never its functions
+        try:
+            value = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            return False
+        return isinstance(value, type)
+    return False
+
+
+class _Inert:
+    """Stands in for every object while a pickle is scanned: calling, filling or setting its state does nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
+        return _Inert()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def add(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _Scanner(pickle.Unpickler):
+    """Walks a pickle without building anything: records each global it refers to, resolves none."""
+
+    def __init__(self, data: Any) -> None:
+        super().__init__(data)
+        self.globals: set[tuple[str, str]] = set()
+
+    def find_class(self, module: str, name: str) -> Any:
+        self.globals.add((module, name))
+        return _Inert
+
+    def persistent_load(self, pid: Any) -> Any:
+        return None  # tensor storages live in separate zip records; nothing to read
+
+
+def unsafe_globals(path: Path) -> list[str]:
+    """The globals a ``torch.save`` file refers to beyond tensors, dtypes and DeepSpeed's state classes."""
+    with zipfile.ZipFile(path) as archive:
+        found: set[tuple[str, str]] = set()
+        for name in archive.namelist():
+            if name.endswith(".pkl"):
+                scanner = _Scanner(io.BytesIO(archive.read(name)))
+                scanner.load()
+                found |= scanner.globals
+    return sorted(f"{module}.{name}" for module, name in found if not _safe_global(module, name))
+
+
+def check_engine_files(path: Path) -> None:
+    """Refuse a checkpoint whose DeepSpeed files refer to anything but tensors and DeepSpeed state (unless trusted).
+
+    DeepSpeed loads its files with full unpickling; a scan with inert stand-ins first finds what they would call. A
+    file the scan cannot finish is refused too (it cannot be vouched for). ``SPIKELM_TRUST_CHECKPOINT=1``
+    (``spikelm train --trust-checkpoint``) skips the scan for a checkpoint you wrote yourself.
+    """
+    if os.environ.get(TRUST_ENV) == "1":
+        return
+    for file in sorted((path / ENGINE_TAG).rglob("*.pt")):
+        try:
+            bad = unsafe_globals(file)
+        except Exception as err:  # truncated, not a zip, or built to trip the scan
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            raise SpikeLMError(f"the engine state of checkpoint {str(path)!r} is damaged ({file.name}: {reason}); "
+                               "delete or move that folder, or pass --resume previous to continue from the "
+                               "checkpoint before it") from None
+        if bad:
+            raise SpikeLMError(f"checkpoint file {str(file)!r} refers to {', '.join(bad)}, which DeepSpeed's state "
+                               "never holds; refusing to load it (unpickling it could run code). If you wrote this "
+                               "checkpoint yourself, pass --trust-checkpoint")
+
+
 def check_model_shape(saved_config: dict[str, Any], config: dict[str, Any], path: Path) -> None:
     """Raise ``SpikeLMError`` if the recipe's model differs in shape from the checkpoint's."""
     diffs = [f"{k}: checkpoint {saved_config.get(k)!r} vs recipe {config.get(k)!r}" for k in SHAPE_FIELDS
@@ -308,6 +411,7 @@ def load_checkpoint(engine: Any, path: Path, *, rank: int, world_size: int,
         raise SpikeLMError(f"checkpoint file {str(rank_file)!r} has no RNG and data loader state; it is damaged")
     if not (path / ENGINE_TAG).is_dir():
         raise SpikeLMError(f"checkpoint {str(path)!r} has no engine state folder {ENGINE_TAG!r}; it is damaged")
+    check_engine_files(path)
     if universal:
         _ensure_universal(path, rank)
     tag = UNIVERSAL_TAG if universal else ENGINE_TAG
