@@ -234,6 +234,13 @@ def test_rerunning_a_finished_run_adds_nothing_and_a_changed_recipe_is_recorded(
     assert _steps(out) == [1, 2, 3, 4]
 
 
+def test_a_smaller_vocabulary_than_asked_is_reported(tmp_path, corpus, cache, capsys):
+    recipe = write_tiny_recipe(tmp_path, corpus, train={"max_steps": 1}, tokenizer={"vocab_size": 8000,
+                                                                                   "sample_chars": 2000})
+    assert train_cli(recipe, tmp_path / "run", cache) == 0
+    assert "fewer than tokenizer.vocab_size=8000" in capsys.readouterr().out
+
+
 def test_divergence_before_any_checkpoint_says_so(tmp_path, corpus, cache, capsys, monkeypatch):
     import spikelm.train.loop as loop
 

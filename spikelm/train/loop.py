@@ -358,6 +358,10 @@ def _describe(run: Run, train_blocks: Any, heldout_blocks: Any) -> None:
     run.say(f"global batch = {recipe.train.micro_batch_size} micro x {recipe.train.grad_accum} accum x "
             f"{run.world_size} ranks = {sequences} sequences = {run.tokens_per_step} tokens/step; {run.total_steps} "
             f"steps = {run.total_steps * run.tokens_per_step / 1e6:.2f}M tokens")
+    asked = recipe.tokenizer.vocab_size
+    if recipe.tokenizer.path is None and run.config.vocab_size < asked:
+        run.say(f"note: the tokenizer has {run.config.vocab_size} tokens, fewer than tokenizer.vocab_size={asked}: "
+                "the tokenizer's training text ran out of merges (more text: tokenizer.sample_chars or more data)")
     n_train = f"{len(train_blocks)} blocks" if hasattr(train_blocks, "__len__") else "streaming"
     run.say(f"train data: {n_train}; held-out: {len(heldout_blocks)} blocks; run directory: {run.run_dir}")
     entropy = unigram_entropy(train_blocks, run.config.vocab_size) if run.is_main else None

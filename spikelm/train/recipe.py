@@ -183,7 +183,7 @@ class EvalSection:
     every_steps: int = 100
     """Evaluate every this many steps and at the end (0: only at the end)."""
     max_batches: int = 8
-    """Held-out micro batches per evaluation."""
+    """Held-out micro batches per rank per evaluation, at most: each held-out block is scored at most once."""
     sample_prompt: str = "ROMEO:"
     """Prompt of the sample printed at each evaluation ("" disables sampling)."""
     sample_tokens: int = 48
