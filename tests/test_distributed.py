@@ -99,8 +99,9 @@ def test_hostfile_goes_through_the_deepspeed_launcher(tmp_path, corpus, monkeypa
                      "--nproc-per-node", "8", "--master-port", "29555") == 0
     (cmd, env), = calls
     launcher = cmd[cmd.index("deepspeed.launcher.runner") - 1:]
-    assert launcher[:8] == ["-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--master_port", "29555",
-                            "--num_gpus", "8"]
+    assert launcher[:9] == ["-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--master_port", "29555",
+                            "--no_local_rank", "--num_gpus", "8"]
+    assert "--no_ssh_check" not in cmd  # two real nodes: DeepSpeed's ssh check stays
     assert cmd[cmd.index("--module") + 1:][:3] == ["spikelm", "train", str(recipe.resolve())]
     assert "--nproc-per-node" not in cmd and "--hostfile" not in cmd[cmd.index("--module"):]
     assert env["SPIKELM_LAUNCHED"] == "1"
@@ -116,3 +117,20 @@ def test_gpus_is_the_number_of_processes_per_node():
     train_command.add_arguments(parser)
     assert parser.parse_args(["r.yaml", "--gpus", "4"]).nproc_per_node == 4
     assert parser.parse_args(["r.yaml", "--nproc-per-node", "2"]).nproc_per_node == 2
+
+
+@pytest.mark.slow
+def test_one_host_hostfile_runs_through_the_deepspeed_launcher(tmp_path, corpus, cache, reference):
+    # The multi-node path for real: DeepSpeed's runner and launch with a one-host hostfile (no ssh needed for this
+    # machine), two gloo ranks; the same losses as the one-process run with the same global batch.
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    out = tmp_path / "run"
+    saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+             if k in os.environ}
+    try:
+        assert train_cli(_recipe(tmp_path / "two", corpus, 2, MICRO), out, cache, "--hostfile", str(hostfile)) == 0
+    finally:
+        os.environ.update(saved)
+    assert _curve(out) == pytest.approx(reference, rel=2e-4, abs=2e-4)
+    assert (out / "export" / "model.safetensors").is_file()

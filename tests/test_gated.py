@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from kernel_testing import assert_close, compile_for_hopper
+from kernel_testing import arg_types, assert_close, compile_for_hopper
 
 from spikelm.kernels import gated_scan
 
@@ -154,5 +154,7 @@ def test_triton_kernels_compile_for_hopper():
     from spikelm.kernels.gated.fused_recurrent import BWD_BLOCK_T, FWD_BLOCK_T
 
     forward, backward = {"BLOCK_T": FWD_BLOCK_T, "BLOCK_C": 128}, {"BLOCK_T": BWD_BLOCK_T, "BLOCK_C": 32}
-    kernels = [("_gated_fwd_kernel", {"LEVELS": 3, **forward}, []), ("_gated_bwd_kernel", backward, [])]
-    compile_for_hopper("gated", kernels, ["x_ptr", "counts_ptr", "grad_counts_ptr", "grad_x_ptr"])
+    types = arg_types(i32=("T", "C"), bf16_pointers=("x_ptr", "counts_ptr", "grad_counts_ptr", "grad_x_ptr"))
+    module = "spikelm.kernels.gated.fused_recurrent"
+    compile_for_hopper([(module, "_gated_fwd_kernel", {"LEVELS": 3, **forward}, types),
+                        (module, "_gated_bwd_kernel", backward, types)])

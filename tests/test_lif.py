@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from kernel_testing import assert_close, compile_for_hopper
+from kernel_testing import arg_types, assert_close, compile_for_hopper
 
 from spikelm.kernels import lif_scan
 
@@ -178,7 +178,10 @@ def test_triton_kernels_compile_for_hopper():
 
     forward, backward = {"BLOCK_T": FWD_BLOCK_T, "BLOCK_C": 128}, {"BLOCK_T": BWD_BLOCK_T, "BLOCK_C": 32}
     kernels = [
-        ("_lif_fwd_kernel", {"HARD_RESET": True, "SAVE_H": True, **forward}, []),  # one variant each: compiles are slow
-        ("_lif_bwd_kernel", {"HARD_RESET": False, **backward}, ["alpha", "slope"]),
+        ("_lif_fwd_kernel", {"HARD_RESET": True, "SAVE_H": True, **forward}, ()),  # one variant each: compiles are slow
+        ("_lif_bwd_kernel", {"HARD_RESET": False, **backward}, ("alpha", "slope")),
     ]
-    compile_for_hopper("lif", kernels, ["x_ptr", "spikes_ptr", "grad_spikes_ptr", "grad_x_ptr"])
+    sequences = ("x_ptr", "spikes_ptr", "grad_spikes_ptr", "grad_x_ptr")
+    compile_for_hopper([("spikelm.kernels.lif.fused_recurrent", name, constexprs,
+                         arg_types(i32=("T", "C"), fp32=floats, bf16_pointers=sequences))
+                        for name, constexprs, floats in kernels])

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from spikelm.measure.sparsity import find_spike_sites
 from spikelm.model.cache import SpikeLMCache
 from spikelm.model.config import SpikeLMConfig
-from spikelm.model.modeling import SpikeLMForCausalLM, spike_sites
+from spikelm.model.modeling import SpikeLMForCausalLM
 from spikelm.model.neurons import SpikingLinear, SpikingNeuron
 
 COMBOS = list(itertools.product(["rwkv6", "rwkv4"], ["adaptive", "lif", "gated", "none"]))
@@ -198,14 +199,14 @@ def test_a_tiny_model_learns_quickly():
 
 def test_sites_are_named_and_sized():
     model = tiny_model("rwkv6", "adaptive", spike_lm_head=True)
-    sites = spike_sites(model)
+    sites = dict(find_spike_sites(model))
     expected = {f"layers.{i}.time_mix.{n}" for i in range(2) for n in
                 ("receptance", "key", "value", "gate", "decay", "output")}
     expected |= {f"layers.{i}.channel_mix.{n}" for i in range(2) for n in ("key", "receptance", "value")}
     assert set(sites) == expected | {"lm_head"}
     assert sites["layers.0.channel_mix.key"].fan_out == 96 and sites["layers.0.time_mix.decay"].fan_out == 8
     assert sites["lm_head"].fan_out == VOCAB
-    rwkv4 = spike_sites(tiny_model("rwkv4", "lif"))
+    rwkv4 = dict(find_spike_sites(tiny_model("rwkv4", "lif")))
     assert "layers.1.time_mix.output" in rwkv4 and "layers.1.time_mix.gate" not in rwkv4
 
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from kernel_testing import assert_close, compile_for_hopper
+from kernel_testing import arg_types, assert_close, compile_for_hopper
 
 from spikelm.kernels import rwkv4_scan
 
@@ -237,9 +237,10 @@ def test_triton_kernels_compile_for_hopper():
     from spikelm.kernels.rwkv4.fused_recurrent import BWD_BLOCK_T, FWD_BLOCK_T
 
     forward, backward = {"BLOCK_T": FWD_BLOCK_T, "BLOCK_C": 128}, {"BLOCK_T": BWD_BLOCK_T, "BLOCK_C": 32}
-    kernels = [
-        ("_rwkv4_fwd_kernel", {"STORE_OUTPUT": True, "STORE_STATES": True, **forward}, []),  # both code paths at once
-        ("_rwkv4_bwd_kernel", backward, []),
-    ]
-    sequences = ["k_ptr", "v_ptr", "wkv_ptr", "grad_wkv_ptr", "grad_k_ptr", "grad_v_ptr"]
-    compile_for_hopper("rwkv4", kernels, sequences)
+    types = arg_types(i32=("T", "C"), bf16_pointers=("k_ptr", "v_ptr", "wkv_ptr", "grad_wkv_ptr", "grad_k_ptr",
+                                                      "grad_v_ptr"))
+    module = "spikelm.kernels.rwkv4.fused_recurrent"
+    compile_for_hopper([
+        (module, "_rwkv4_fwd_kernel", {"STORE_OUTPUT": True, "STORE_STATES": True, **forward}, types),  # both paths
+        (module, "_rwkv4_bwd_kernel", backward, types),
+    ])

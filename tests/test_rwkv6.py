@@ -7,21 +7,14 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from kernel_testing import relative_rms
 
 from spikelm.kernels import rwkv6_scan
-from spikelm.kernels.rwkv6 import chunk_rwkv6_torch, naive_rwkv6
+from spikelm.kernels.rwkv6 import rwkv6_scan_naive, rwkv6_scan_torch
 
 # Relative RMS error allowed against the fp32 oracle, per input dtype.
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 GRAD_NAMES = ("r", "k", "v", "w", "u", "initial_state")
-
-
-def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """sqrt(mean((a - e)^2)) / sqrt(mean(e^2)); NaN/inf anywhere fails the caller's check."""
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert torch.isfinite(a).all(), "non-finite values in the result"
-    assert torch.isfinite(e).all(), "non-finite values in the reference"
-    return ((a - e).pow(2).mean().sqrt() / e.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 def make_inputs(
@@ -64,13 +57,13 @@ def run_with_grads(
 
 
 def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tol: float) -> None:
-    errors = {name: rel_rms(actual[name], expected[name]) for name in expected}
+    errors = {name: relative_rms(actual[name], expected[name]) for name in expected}
     bad = {name: err for name, err in errors.items() if not err <= tol}
     assert not bad, f"relative RMS error above {tol}: {bad} (all: {errors})"
 
 
 def oracle(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return run_with_grads(naive_rwkv6, inputs)
+    return run_with_grads(rwkv6_scan_naive, inputs)
 
 
 CASES = [
@@ -100,7 +93,7 @@ def test_torch_chunked_matches_naive(B, T, H, K, V, dtype, decay):
 def test_torch_chunk_size_does_not_change_result(chunk_size):
     inputs = make_inputs(1, 40, 2, 16, 16, torch.float32)
     expected = oracle(inputs)
-    actual = run_with_grads(lambda **kw: chunk_rwkv6_torch(**kw, chunk_size=chunk_size), inputs)
+    actual = run_with_grads(lambda **kw: rwkv6_scan_torch(**kw, chunk_size=chunk_size), inputs)
     assert_close(actual, expected, TOLERANCE[torch.float32])
 
 
@@ -114,8 +107,8 @@ def test_extreme_decay_has_no_overflow():
     expected_o = (r * u * k).sum(-1, keepdim=True) * v
     expected_o[:, 0] += torch.einsum("bhk,bhkv->bhv", r[:, 0], inputs["initial_state"])
     expected_o[:, 1:] += (r[:, 1:] * k[:, :-1]).sum(-1, keepdim=True) * v[:, :-1]
-    assert rel_rms(actual["o"], expected_o) < 1e-6
-    assert rel_rms(actual["final_state"], k[:, -1, :, :, None] * v[:, -1, :, None, :]) < 1e-6
+    assert relative_rms(actual["o"], expected_o) < 1e-6
+    assert relative_rms(actual["final_state"], k[:, -1, :, :, None] * v[:, -1, :, None, :]) < 1e-6
     for name in GRAD_NAMES:
         assert torch.isfinite(actual[f"d{name}"]).all(), f"d{name} has NaN/inf"
     assert_close(actual, oracle(inputs), TOLERANCE[torch.float32])
@@ -130,8 +123,8 @@ def test_state_carry_equals_one_pass():
     o1, s1 = rwkv6_scan(**first, output_final_state=True, backend="torch")
     second["initial_state"] = s1
     o2, s2 = rwkv6_scan(**second, output_final_state=True, backend="torch")
-    assert rel_rms(torch.cat([o1, o2], dim=1), full_o) < 1e-6
-    assert rel_rms(s2, full_state) < 1e-6
+    assert relative_rms(torch.cat([o1, o2], dim=1), full_o) < 1e-6
+    assert relative_rms(s2, full_state) < 1e-6
 
 
 def test_non_contiguous_inputs():
@@ -141,8 +134,8 @@ def test_non_contiguous_inputs():
                for n, x in inputs.items()}
     assert not strided["r"].is_contiguous()
     o, s = rwkv6_scan(**strided, output_final_state=True, backend="torch")
-    o_ref, s_ref = naive_rwkv6(**inputs, output_final_state=True)
-    assert rel_rms(o, o_ref) < 1e-5 and rel_rms(s, s_ref) < 1e-5
+    o_ref, s_ref = rwkv6_scan_naive(**inputs, output_final_state=True)
+    assert relative_rms(o, o_ref) < 1e-5 and relative_rms(s, s_ref) < 1e-5
 
 
 def test_no_final_state_unless_asked():

@@ -35,16 +35,6 @@ def test_bench_runs_on_cpu_at_tiny_shapes(capsys):
             assert row["speedup"] == pytest.approx(1.0)
 
 
-def test_peak_bandwidth_table():
-    bench = load_bench()
-    assert bench.peak_bandwidth("NVIDIA H100 80GB HBM3", None) == 3350.0
-    assert bench.peak_bandwidth("NVIDIA H100 PCIe", None) == 2000.0
-    assert bench.peak_bandwidth("NVIDIA H200", None) == 4800.0
-    assert bench.peak_bandwidth("NVIDIA A100-SXM4-80GB", None) == 2000.0
-    assert bench.peak_bandwidth("Some Future GPU", None) is None
-    assert bench.peak_bandwidth("Some Future GPU", 1234.0) == 1234.0
-
-
 def test_bench_rejects_bad_arguments():
     bench = load_bench()
     with pytest.raises(SystemExit):

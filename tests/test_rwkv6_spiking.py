@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_rwkv6 import make_inputs, rel_rms
+from kernel_testing import relative_rms
+from test_rwkv6 import make_inputs
 
-from spikelm.kernels.rwkv6 import adaptive_spike_counts, naive_rwkv6, rwkv6_scan_spiking
+from spikelm.kernels.rwkv6 import adaptive_spike_counts, rwkv6_scan_naive, rwkv6_scan_spiking
 from spikelm.kernels.utils import triton_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -25,7 +26,7 @@ def test_adaptive_spike_counts_by_hand():
 
 def reference(inputs: dict[str, torch.Tensor], k_divisor: float, max_spikes: int):
     f32 = {n: x.float() for n, x in inputs.items()}
-    o, final_state = naive_rwkv6(**f32, output_final_state=True)
+    o, final_state = rwkv6_scan_naive(**f32, output_final_state=True)
     counts, v_th = adaptive_spike_counts(o, k_divisor, max_spikes)
     return counts, v_th, final_state
 
@@ -42,8 +43,8 @@ def check(actual, expected, dtype) -> None:
     counts, v_th, final_state = actual
     ref_counts, ref_v_th, ref_final = expected
     assert counts.dtype == dtype and v_th.dtype == torch.float32 and v_th.shape == ref_v_th.shape
-    assert rel_rms(v_th.cpu(), ref_v_th) < 1e-5
-    assert rel_rms(final_state.cpu(), ref_final) < 1e-5
+    assert relative_rms(v_th.cpu(), ref_v_th) < 1e-5
+    assert relative_rms(final_state.cpu(), ref_final) < 1e-5
     mismatches = (counts.cpu().float() != ref_counts).sum().item()
     # count for count; on a GPU a value sitting within ~1e-7 of a rounding boundary may land either side
     allowed = 0 if DEVICE == "cpu" else max(1, counts.numel() // 10_000)

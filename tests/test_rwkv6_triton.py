@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_rwkv6 import assert_close, make_inputs, oracle, rel_rms, run_with_grads
+from kernel_testing import arg_types, compile_for_hopper, relative_rms
+from test_rwkv6 import assert_close, make_inputs, oracle, run_with_grads
 
 from spikelm.kernels import rwkv6_scan
-from spikelm.kernels.rwkv6 import naive_rwkv6
+from spikelm.kernels.rwkv6 import rwkv6_scan_naive
 from spikelm.kernels.utils import triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs CUDA or TRITON_INTERPRET=1")
@@ -62,11 +63,11 @@ def test_triton_without_initial_or_final_state(mode):
     grads = [g.cpu() for g in torch.autograd.grad((o * do.to(DEVICE)).sum(), list(leaves.values()))]
     o = o.cpu()
     ref_leaves = {n: x.clone().requires_grad_(True) for n, x in inputs.items()}
-    o_ref, _ = naive_rwkv6(**ref_leaves)
+    o_ref, _ = rwkv6_scan_naive(**ref_leaves)
     ref_grads = torch.autograd.grad((o_ref * do).sum(), list(ref_leaves.values()))
-    assert rel_rms(o, o_ref) < TRITON_TOLERANCE[torch.float32]
+    assert relative_rms(o, o_ref) < TRITON_TOLERANCE[torch.float32]
     for name, g, g_ref in zip(inputs, grads, ref_grads, strict=True):
-        assert rel_rms(g, g_ref) < TRITON_TOLERANCE[torch.float32], name
+        assert relative_rms(g, g_ref) < TRITON_TOLERANCE[torch.float32], name
 
 
 @pytest.mark.parametrize("mode", TRITON_MODES)
@@ -103,7 +104,7 @@ def test_auto_mode_and_bad_triton_options():
     for T in (3, 65):  # T <= 64: fused-recurrent, otherwise chunked
         inputs = make_inputs(1, T, 1, 16, 16, torch.float32)
         o, _ = rwkv6_scan(**on_device(inputs), backend="triton")
-        assert rel_rms(o.cpu(), naive_rwkv6(**inputs)[0]) < TRITON_TOLERANCE[torch.float32]
+        assert relative_rms(o.cpu(), rwkv6_scan_naive(**inputs)[0]) < TRITON_TOLERANCE[torch.float32]
     with pytest.raises(ValueError, match="chunk_size"):
         rwkv6_scan(**inputs, backend="triton", mode="chunk", chunk_size=24)
 
@@ -125,3 +126,31 @@ def test_triton_real_shapes_on_gpu(mode, B, T, H, K, V, dtype):
     actual = run_with_grads(lambda **kw: rwkv6_scan(**kw, backend="triton", mode=mode), inputs)
     # fp32: dw sums O(T) terms in two reverse cumulative sums, so long sequences lose a few more digits
     assert_close(actual, expected, 1e-4 if dtype == torch.float32 else 4e-2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels themselves run")
+def test_triton_kernels_compile_for_hopper():
+    # bf16 everywhere (the training dtype), both spike epilogues, and the fp32 "ieee" tl.dot once: ~10 compiles.
+    def build(module: str, kernel: str, ints: tuple[str, ...], constexprs: dict, dtype: str = "bf16") -> tuple:
+        sequences = ("r", "k", "v", "w", "u", "do", "o")
+        types = {**arg_types(i32=ints), **dict.fromkeys(sequences, f"*{dtype}")}
+        return f"spikelm.kernels.rwkv6.{module}", kernel, constexprs, types
+
+    heads = dict(H=4, K=64, V=64, BK=64, BV=32)
+    chunked = dict(heads, BT=16, DOT_PRECISION="tf32")
+    builds = []
+    for abs_sum, spikes in ((True, False), (False, True)):
+        epilogue = dict(STORE_ABS_SUM=abs_sum, STORE_SPIKES=spikes, MAX_SPIKES=8)
+        builds += [build("fused_recurrent", "_fused_recurrent_fwd_kernel", ("T", "B"),
+                         dict(heads, USE_INITIAL_STATE=True, **epilogue)),
+                   build("chunk", "_chunk_fwd_o_kernel", ("T", "NT", "B"), dict(chunked, **epilogue))]
+    builds += [
+        build("fused_recurrent", "_fused_recurrent_bwd_dr_kernel", ("T", "B"),
+              dict(heads, USE_INITIAL_STATE=True, USE_FINAL_GRAD=True)),
+        build("fused_recurrent", "_fused_recurrent_bwd_dkv_kernel", ("T", "B"), dict(heads, USE_FINAL_GRAD=True)),
+        build("chunk", "_chunk_fwd_h_kernel", ("T", "NT"), dict(chunked, USE_INITIAL_STATE=True)),
+        build("chunk", "_chunk_bwd_dh_kernel", ("T", "NT"), dict(chunked, USE_FINAL_GRAD=True)),
+        build("chunk", "_chunk_bwd_kernel", ("T", "NT"), dict(chunked, BV=64)),
+        build("chunk", "_chunk_bwd_kernel", ("T", "NT"), dict(chunked, BV=64, DOT_PRECISION="ieee"), "fp32"),
+    ]
+    compile_for_hopper(builds)

@@ -204,3 +204,46 @@ def test_every_engine_option_trains_like_plain_data_parallel(tmp_path, corpus, c
         assert torch.equal(weight, masters[name].float()), name
     if sections.get("precision") == "bf16":
         assert any(not torch.equal(w, w.bfloat16().float()) for w in exported.values())  # fp32 precision kept
+
+
+def test_training_steps_read_nothing_back_from_the_device(tmp_path, corpus, cache, monkeypatch):
+    # On a GPU every host read of a device value (.item(), .tolist(), float(t), int(t), bool(t)) stalls the queue of
+    # work: the loop may read back only at logging, eval and checkpoint steps, once each (``flush``).
+    import sys
+
+    import spikelm.kernels
+    import spikelm.train.loop as loop
+
+    ours = (str(Path(loop.__file__).parents[1]), str(Path(spikelm.kernels.__file__).parent))
+    inside: list[str] = []
+    reads = {"train_step": 0, "flush": 0}
+    calls = {"train_step": 0, "flush": 0}
+
+    def counting_read(original):
+        def read(self, *args, **kwargs):
+            if inside and sys._getframe(1).f_code.co_filename.startswith(ours):
+                reads[inside[-1]] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    def tracked(name, function):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            inside.append(name)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                inside.pop()
+        return call
+
+    for method in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, method, counting_read(getattr(torch.Tensor, method)))
+    monkeypatch.setattr(loop, "train_step", tracked("train_step", loop.train_step))
+    monkeypatch.setattr(loop, "flush", tracked("flush", loop.flush))
+    recipe = write_tiny_recipe(tmp_path, corpus, train={"max_steps": 12, "grad_accum": 2},
+                               logging={"every_steps": 5, "tensorboard": False}, eval={"every_steps": 0},
+                               checkpoint={"every_steps": 6})
+    assert train_cli(recipe, tmp_path / "run", cache) == 0
+    assert calls["train_step"] == 12 and reads["train_step"] == 0
+    assert 3 <= calls["flush"] <= 5 and reads["flush"] == calls["flush"]  # steps 5, 6, 10, 12: one read each
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == list(range(1, 13))

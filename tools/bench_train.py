@@ -63,14 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     from spikelm.train.dist import prepare_environment
-    from spikelm.train.loop import lm_loss, param_groups
+    from spikelm.train.loop import param_groups
     from spikelm.train.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     prepare_environment()
     import deepspeed
 
-    from spikelm.model.modeling import SpikeLMForCausalLM
+    from spikelm.model.modeling import SpikeLMForCausalLM, lm_cross_entropy
 
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -82,12 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         batches = [torch.randint(0, vocab, (train.micro_batch_size, train.block_size + 1), generator=generator)
                    for _ in range(total_micro)]
     else:
-        from spikelm.train import data as spikedata
+        from spikelm.train.loader import batch_loader
+        from spikelm.train.packing import build_datasets
+        from spikelm.train.tokenizer_cache import prepare_tokenizer
 
         cache = Path(os.environ.get("SPIKELM_CACHE", Path.home() / ".cache" / "spikelm"))
-        tokenizer = spikedata.prepare_tokenizer(recipe.tokenizer, recipe.data, cache)
-        blocks, _ = spikedata.build_datasets(recipe.data, tokenizer, train.block_size, cache)
-        loader = spikedata.BatchLoader(blocks, train.micro_batch_size, seed=recipe.seed)
+        tokenizer = prepare_tokenizer(recipe.tokenizer, recipe.data, cache)
+        blocks, _ = build_datasets(recipe.data, tokenizer, train.block_size, cache)
+        loader = batch_loader(blocks, train.micro_batch_size, seed=recipe.seed)
         vocab = len(tokenizer)
         batches = [next(loader) for _ in range(total_micro)]
     config = recipe.model_config(vocab)
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             cursor["plain"] += 1
             with torch.autocast(device.type, dtype=dtype, enabled=dtype == torch.bfloat16):
                 logits = plain_model(input_ids=batch[:, :-1]).logits
-            loss = lm_loss(logits, batch[:, 1:]) / train.grad_accum
+            loss = lm_cross_entropy(logits, batch[:, 1:]) / train.grad_accum
             loss.backward()
             loss_sum += loss.item()
         if train.grad_clip:
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(train.grad_accum):
             batch = batches[cursor["engine"]].to(device, non_blocking=True)
             cursor["engine"] += 1
-            loss = lm_loss(engine(input_ids=batch[:, :-1]).logits, batch[:, 1:])
+            loss = lm_cross_entropy(engine(input_ids=batch[:, :-1]).logits, batch[:, 1:])
             engine.backward(loss)
             engine.step()
             loss_sum += loss.item() / train.grad_accum

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..lif.scan import channel_parameter, check_sequence, check_state
-from ..utils import resolve_backend
+from ..utils import channel_parameter, check_sequence, check_state, resolve_backend
 from .naive import gated_scan_naive
 from .torch_scan import gated_scan_torch
 

@@ -4,56 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..utils import resolve_backend
+from ..utils import channel_parameter, check_sequence, check_state, resolve_backend
 from .naive import lif_scan_naive
 from .torch_scan import lif_scan_torch
 
 RESETS = ("hard", "soft")
-INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def channel_parameter(name: str, value: float | torch.Tensor, channels: int, like: torch.Tensor) -> torch.Tensor:
-    """A per-channel fp32 parameter ``[C]`` from a Python number or a ``[]``/``[1]``/``[C]`` tensor.
-
-    Tensors keep their autograd history (``expand`` and ``float`` are differentiable), so a learned parameter gets
-    its gradient back in its own shape and dtype.
-    """
-    if isinstance(value, torch.Tensor):
-        if not value.is_floating_point():
-            raise ValueError(f"{name} must be a float tensor, got dtype {value.dtype}")
-        if value.shape not in (torch.Size([]), torch.Size([1]), torch.Size([channels])):
-            shape = tuple(value.shape)
-            raise ValueError(f"{name} must be a number or a tensor of shape [] or [C={channels}], got {shape}")
-        if value.device != like.device:
-            raise ValueError(f"{name} is on {value.device} but x is on {like.device}; move it to x's device")
-        return value.float().reshape(-1).expand(channels)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a float or a tensor of shape [C], got {type(value).__name__}")
-    return torch.full((channels,), float(value), dtype=torch.float32, device=like.device)
-
-
-def check_sequence(name: str, x: torch.Tensor) -> None:
-    """``x`` must be a ``[B, T, C]`` float tensor with T >= 1."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a tensor of shape [B, T, C], got {shape}")
-    if x.dtype not in INPUT_DTYPES:
-        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
-    if x.shape[1] == 0:
-        raise ValueError(f"{name} has no tokens (T = 0); pass at least one token")
-
-
-def check_state(name: str, state: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """An initial state ``[B, C]`` as fp32 (zeros when None)."""
-    batch, _, channels = x.shape
-    if state is None:
-        return torch.zeros(batch, channels, dtype=torch.float32, device=x.device)
-    if not isinstance(state, torch.Tensor) or state.shape != (batch, channels) or not state.is_floating_point():
-        shape = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
-        raise ValueError(f"{name} must be a float tensor of shape [B={batch}, C={channels}], got {shape}")
-    if state.device != x.device:
-        raise ValueError(f"{name} is on {state.device} but x is on {x.device}; move it to x's device")
-    return state.float()
 
 
 def lif_scan(

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..lif.scan import check_sequence
-from ..utils import resolve_backend
-from .chunked import rwkv4_scan_torch
+from ..utils import check_sequence, resolve_backend
 from .naive import MAX_STATE_INIT, rwkv4_scan_naive
+from .torch_scan import rwkv4_scan_torch
 
 State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 
-def naive_rwkv6(
+def rwkv6_scan_naive(
     r: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,

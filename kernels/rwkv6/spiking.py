@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..utils import resolve_backend
+from .scan import FUSED_RECURRENT_MAX_T, MODES, check_chunk_size, check_inputs, rwkv6_scan
 
 THRESHOLD_FLOOR = 1e-6  # keeps V_th > 0 for an all-zero token (then every count is 0)
 
@@ -104,9 +105,7 @@ def rwkv6_scan_spiking(
         ``(counts, v_th, final_state)``: ``counts [B, T, H, V]`` integer-valued in v's dtype (``o``'s dtype),
         ``v_th [B, T, 1]`` float32 (the projection sees ``v_th * counts``), and the final state or ``None``.
     """
-    from . import FUSED_RECURRENT_MAX_T, MODES, _check_chunk_size, _check_inputs, rwkv6_scan
-
-    _check_inputs(r, k, v, w, u, initial_state)
+    check_inputs(r, k, v, w, u, initial_state)
     if isinstance(k_divisor, bool) or not isinstance(k_divisor, int | float) or not k_divisor > 0:
         raise ValueError(f"rwkv6_scan_spiking: k_divisor={k_divisor!r} must be a number > 0 (default 3.0)")
     if isinstance(max_spikes, bool) or not isinstance(max_spikes, int) or max_spikes < 1:
@@ -114,7 +113,7 @@ def rwkv6_scan_spiking(
     if mode is not None and mode not in MODES:
         raise ValueError(f"rwkv6_scan_spiking: mode={mode!r} is not one of {', '.join(map(repr, MODES))} or None")
     which = resolve_backend(backend, r, k, v, w, u)
-    C = _check_chunk_size(chunk_size, which)
+    C = check_chunk_size(chunk_size, which)
     if which in ("torch", "naive"):
         # Scan in float32 (what the fused kernel quantises), then the neuron.
         o, final_state = rwkv6_scan(r.float(), k.float(), v.float(), w.float(), u.float(), initial_state, True,

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from spikelm.errors import SpikeLMError
+from spikelm.train.dist import read_hostfile
 from spikelm.train.plan import GPUS, HEADROOM, plan
 from spikelm.train.recipe import load_recipe
 
@@ -30,30 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the plan as JSON to this file")
 
 
-def _hostfile_slots(path: Path) -> list[int]:
-    """Slots of each host line (``host slots=N``) of a DeepSpeed hostfile."""
-    if not path.is_file():
-        raise SpikeLMError(f"--hostfile {str(path)!r} does not exist")
-    slots = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].startswith("slots=") or not parts[1][6:].isdigit() or parts[1][6:] == "0":
-            raise SpikeLMError(f"--hostfile {str(path)!r} line {number}: expected 'HOST slots=N', got {line!r}")
-        slots.append(int(parts[1][6:]))
-    if not slots:
-        raise SpikeLMError(f"--hostfile {str(path)!r} lists no hosts")
-    return slots
-
-
 def run(args: argparse.Namespace) -> int:
     """Print the plan; rc 2 if it does not fit in memory."""
     recipe = load_recipe(args.recipe, args.overrides)
     nodes, per_node = args.nodes or 1, args.gpus
     if args.hostfile is not None:
-        slots = _hostfile_slots(args.hostfile)
+        slots = list(read_hostfile(args.hostfile).values())
         nodes = args.nodes or len(slots)
         per_node = args.gpus if args.gpus != 1 else min(slots)
     if nodes < 1 or per_node < 1:

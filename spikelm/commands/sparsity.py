@@ -17,7 +17,9 @@ from torch import nn
 from spikelm.commands.model_dir import check_model_dir, load_model
 from spikelm.errors import SpikeLMError
 from spikelm.measure.energy import DEFAULT_ENERGY_TABLE, ENERGY_TABLES, EnergyTable, get_energy_table
-from spikelm.measure.sparsity import ENCODINGS, SparsityMonitor, SparsityReport
+from spikelm.measure.report import SparsityReport
+from spikelm.measure.sparsity import SparsityMonitor
+from spikelm.model.neurons import ENCODINGS
 from spikelm.train.checkpoint import atomic_write_text
 
 
@@ -52,7 +54,7 @@ def _read_text(args: argparse.Namespace) -> str:
     elif args.recipe is not None:
         if not args.recipe.is_file():
             raise SpikeLMError(f"--recipe {args.recipe}: no such file; give a recipe YAML such as recipes/*.yaml")
-        from spikelm.train.data import heldout_text
+        from spikelm.train.data_sources import heldout_text
         from spikelm.train.recipe import load_recipe
 
         # ~16 characters per token is generous for any subword vocabulary; the token budget trims the rest.
@@ -67,14 +69,11 @@ def _read_text(args: argparse.Namespace) -> str:
 
 def _load_model_and_tokenizer(model_dir: Path, device: torch.device) -> tuple[nn.Module, object]:
     check_model_dir(model_dir)  # before the tokenizer, which reads config.json too and would take the blame
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     import spikelm  # noqa: F401  (registers SpikeLM with the Auto classes)
+    from spikelm.train.tokenizer import load_tokenizer
 
-    try:
-        from spikelm.train.tokenizer import load_tokenizer
-    except ImportError:
-        load_tokenizer = AutoTokenizer.from_pretrained
     try:
         tokenizer = load_tokenizer(model_dir)
     except (OSError, ValueError) as err:

@@ -26,7 +26,7 @@ import torch
 
 from spikelm.errors import SpikeLMError
 from spikelm.train.checkpoint import TRUST_ENV, find_latest_checkpoint, find_previous_checkpoint
-from spikelm.train.dist import free_port, prepare_environment
+from spikelm.train.dist import LOCAL_HOSTS, free_port, prepare_environment, read_hostfile
 from spikelm.train.recipe import load_recipe
 from spikelm.train.rundir import archive_previous_run, check_layout, run_lock
 
@@ -121,10 +121,15 @@ def _launch(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
     if args.hostfile is not None:
-        if not args.hostfile.is_file():
-            raise SpikeLMError(f"--hostfile {str(args.hostfile)!r} does not exist")
+        hosts = read_hostfile(args.hostfile)
+        # --no_local_rank: each rank reads LOCAL_RANK from its environment; a leading --local_rank=N argument
+        # would land before the subcommand name.
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(args.hostfile),
-               "--master_port", port]
+               "--master_port", port, "--no_local_rank"]
+        if list(hosts) in ([host] for host in LOCAL_HOSTS):
+            # One host, this machine: DeepSpeed launches locally, so neither its ssh check nor an ssh call to find
+            # the master address is needed (a machine without sshd would fail both).
+            cmd += ["--no_ssh_check", "--master_addr", "127.0.0.1"]
         if args.nproc_per_node > 1:
             cmd += ["--num_gpus", str(args.nproc_per_node)]
         cmd += ["--module", "spikelm", *child]

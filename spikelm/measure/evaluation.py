@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from spikelm.errors import SpikeLMError
+from spikelm.model.modeling import lm_cross_entropy
 
 
 @dataclass
@@ -109,7 +109,7 @@ def evaluate_lm(model: Callable[..., Any], batches: Iterable[torch.Tensor], toke
         batch = batch.to(device)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         logits = model(input_ids=inputs).logits  # [B, T, V]
-        nll += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+        nll += lm_cross_entropy(logits, targets, reduction="sum")
         counts[0] += targets.numel()
         if tokenizer is not None:
             if byte_lengths is None:

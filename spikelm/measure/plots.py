@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spikelm.measure.sparsity import SparsityReport, split_site_name
+from spikelm.measure.report import SparsityReport, split_site_name
 
 
 def plot_report(report: SparsityReport, path: str | Path) -> Path:

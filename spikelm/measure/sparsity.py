@@ -1,4 +1,5 @@
-"""Activation sparsity, synaptic operations and energy of a spiking LM (see docs/design.md, "Sparsity and energy").
+"""Activation sparsity, synaptic operations and energy of a spiking LM (docs/design.md, "Sparsity and energy"): the
+monitor that records them at every spike site; the figures and the table are in ``report.py``.
 
 Python API::
 
@@ -24,59 +25,30 @@ What is counted (``SparsityReport.counted`` / ``not_counted`` repeat this with e
   Binary and ternary trains carry the same ``|c|`` events over the same S (binary puts the sign on the synapse,
   ternary on the event), so their rates and SynOps agree; they are both reported because hardware differs.
 
-The ``spikelm sparsity`` subcommand lives in ``sparsity_cli.py``.
+The ``spikelm sparsity`` subcommand lives in ``spikelm/commands/sparsity.py``.
 """
 
 from __future__ import annotations
 
-import re
 import warnings
-from dataclasses import asdict, dataclass, field
 from types import TracebackType
 
 import torch
 from torch import nn
 
-from spikelm.measure.energy import DEFAULT_ENERGY_TABLE, EnergyTable, format_energy, get_energy_table
-
-ENCODINGS = ("binary", "ternary", "bitwise")
-DENSE_KIND = "none"
-
-COUNTED = [
-    "inputs of every weight projection inside the blocks (the spike sites): one AC per unit of |spike count| per "
-    "output of the consuming projection; the dense twin: one MAC per element per output",
-    "bitwise event trains: one AC per set bit per output (the power-of-two bit weight is a shift, not counted)",
-]
-NOT_COUNTED = [
-    "LayerNorm / GroupNorm",
-    "decays, token shift and the WKV recurrence (elementwise state updates, no weight matrix)",
-    "neuron dynamics (thresholds, membranes, gates) and the adaptive neuron's per-token threshold rescale "
-    "(one multiply per output per token)",
-    "activations and gating products (relu^2, sigmoid, silu)",
-    "the embedding lookup",
-    "the LM head, unless the model has a spike site in front of it (spike_lm_head)",
-    "memory traffic (loads of weights and activations)",
-]
-
-_LAYER_SITE = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
-
-
-def time_steps(encoding: str, max_count: int) -> int:
-    """Virtual time steps S of an event train that carries counts up to ``max_count``."""
-    if encoding not in ENCODINGS:
-        raise ValueError(f"encoding={encoding!r} is not one of {', '.join(map(repr, ENCODINGS))}")
-    if encoding == "bitwise":
-        return max(1, int(max_count).bit_length())  # == ceil(log2(max_count + 1))
-    return int(max_count)
-
-
-def split_site_name(site: str) -> tuple[str, str]:
-    """``"model.layers.3.time_mix.key"`` -> ``("layer.3", "time_mix.key")``; a site outside the blocks (``lm_head``)
-    is its own group."""
-    match = _LAYER_SITE.search(site)
-    if match:
-        return f"layer.{match.group(1)}", match.group(2)
-    return site, site
+from spikelm.measure.energy import DEFAULT_ENERGY_TABLE, EnergyTable, get_energy_table
+from spikelm.measure.report import (
+    COUNTED,
+    DENSE_KIND,
+    NOT_COUNTED,
+    SparsityReport,
+    SpikeStats,
+    Totals,
+    layer_order,
+    site_totals,
+    split_site_name,
+)
+from spikelm.model.neurons import ENCODINGS
 
 
 def _is_spike_site(module: nn.Module) -> bool:
@@ -193,189 +165,6 @@ class _SiteRecorder:
         dist.all_reduce(self.max_abs, op=dist.ReduceOp.MAX)
 
 
-@dataclass
-class SpikeStats:
-    """Figures of one site, one layer or the whole model, over the real (non-pad) tokens seen.
-
-    ``elements`` = neurons x real tokens. Per-encoding dicts are keyed by ``binary`` / ``ternary`` / ``bitwise``.
-    Firing rates are ``None`` for dense (``neuron: none``) sites, which have no event train.
-    """
-
-    name: str
-    kind: str
-    tokens: int
-    elements: int
-    zero_fraction: float | None
-    mean_abs_count: float | None  # mean |spike count| per neuron per token
-    max_abs_count: float
-    events: dict[str, int]
-    firing_rate: dict[str, float | None]  # events per neuron per virtual time step
-    synops: dict[str, int]  # accumulates (ACs) the spiking projections perform
-    model_macs: int  # MACs the model itself performs at these sites (dense sites only)
-    dense_macs: int  # MACs of the dense twin for the same tokens: elements x fan_out
-    energy_pj: dict[str, float]  # model_macs x E_MAC + synops x E_AC
-    dense_energy_pj: float  # dense_macs x E_MAC
-    energy_ratio: dict[str, float | None]  # energy_pj / dense_energy_pj (1 for neuron: none)
-    fan_out: int | None = None  # sites only
-    max_count: int | None = None  # sites only
-    histogram: list[int] | None = None  # sites only: number of elements with |count| = 0, 1, ..., max_count
-    layer: str | None = None
-    site_type: str | None = None
-
-
-@dataclass
-class _Totals:
-    """Additive totals from which every figure of a site or a group is derived."""
-
-    tokens: int = 0
-    elements: int = 0
-    zeros: int = 0
-    sum_abs: float = 0.0
-    max_abs: float = 0.0
-    events: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENCODINGS, 0))
-    slots: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENCODINGS, 0))  # elements x S
-    synops: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENCODINGS, 0))
-    model_macs: int = 0
-    dense_macs: int = 0
-
-    def add(self, other: _Totals) -> None:
-        self.tokens = max(self.tokens, other.tokens)  # every site of a group sees the same tokens
-        for name in ("elements", "zeros", "sum_abs", "model_macs", "dense_macs"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.max_abs = max(self.max_abs, other.max_abs)
-        for encoding in ENCODINGS:
-            self.events[encoding] += other.events[encoding]
-            self.slots[encoding] += other.slots[encoding]
-            self.synops[encoding] += other.synops[encoding]
-
-    def stats(self, name: str, kind: str, table: EnergyTable, **site_fields: object) -> SpikeStats:
-        def ratio(num: float, den: float) -> float | None:
-            return num / den if den else None
-
-        energy = {enc: self.model_macs * table.mac_pj + self.synops[enc] * table.ac_pj for enc in ENCODINGS}
-        dense_energy = self.dense_macs * table.mac_pj
-        return SpikeStats(
-            name=name, kind=kind, tokens=self.tokens, elements=self.elements,
-            zero_fraction=ratio(self.zeros, self.elements), mean_abs_count=ratio(self.sum_abs, self.elements),
-            max_abs_count=self.max_abs, events=dict(self.events),
-            firing_rate={enc: ratio(self.events[enc], self.slots[enc]) for enc in ENCODINGS},
-            synops=dict(self.synops), model_macs=self.model_macs, dense_macs=self.dense_macs,
-            energy_pj=energy, dense_energy_pj=dense_energy,
-            energy_ratio={enc: ratio(energy[enc], dense_energy) for enc in ENCODINGS}, **site_fields,
-        )
-
-
-def _site_totals(recorder: _SiteRecorder, raw: dict) -> _Totals:
-    totals = _Totals(tokens=raw["tokens"], elements=raw["elements"], zeros=raw["zeros"], sum_abs=raw["sum_abs"],
-                     max_abs=raw["max_abs"])
-    totals.dense_macs = raw["elements"] * recorder.fan_out
-    if recorder.max_count is None:
-        totals.model_macs = totals.dense_macs
-        return totals
-    histogram = raw["histogram"]
-    for encoding in ENCODINGS:
-        steps = time_steps(encoding, recorder.max_count)
-        if encoding == "bitwise":
-            events = sum(n * bin(level).count("1") for level, n in enumerate(histogram))
-        else:  # one event per unit of |c|
-            events = round(raw["sum_abs"])
-        totals.events[encoding] = events
-        totals.slots[encoding] = raw["elements"] * steps
-        totals.synops[encoding] = events * recorder.fan_out
-    return totals
-
-
-@dataclass
-class SparsityReport:
-    """Per-site, per-layer and whole-model spike statistics with an energy estimate against the dense twin.
-
-    ``encoding`` names the event train whose ACs the headline figures (``energy_ratio``, the table) use;
-    ``uncounted_macs`` gives dense MACs that are left out of every total (the LM head without a spike site).
-    """
-
-    energy_table: EnergyTable
-    encoding: str
-    kinds: list[str]
-    tokens: int
-    sites: list[SpikeStats]
-    layers: list[SpikeStats]
-    total: SpikeStats
-    counted: list[str]
-    not_counted: list[str]
-    uncounted_macs: dict[str, int]
-    warnings: list[str]
-
-    @property
-    def energy_ratio(self) -> float | None:
-        """Energy of this model / energy of its dense twin for the same tokens (1 for ``neuron: none``)."""
-        return self.total.energy_ratio[self.encoding]
-
-    def to_dict(self) -> dict:
-        """Plain JSON-ready data."""
-        data = asdict(self)
-        data["energy_table"] = self.energy_table.to_dict()
-        data["energy_ratio"] = self.energy_ratio
-        return data
-
-    def format_table(self, per_site: bool = False) -> str:
-        """A readable table: one row per layer (and per site with ``per_site``), the totals, the energy table and
-        the comparison with the dense twin."""
-        enc = self.encoding
-        header = (f"{'layer':<28} {'elements':>10} {'zero %':>7} {'mean|c|':>8} {'rate bin':>8} {'rate ter':>8} "
-                  f"{'rate bit':>8} {'SynOps(AC)':>11} {'dense MAC':>10} {'energy':>10} {'ratio':>6}")
-
-        def row(stats: SpikeStats, name: str) -> str:
-            rates = [_fmt(stats.firing_rate[e], ".4f") for e in ENCODINGS]
-            return (f"{name:<28} {_si(stats.elements):>10} {_fmt(stats.zero_fraction, '.2%'):>7} "
-                    f"{_fmt(stats.mean_abs_count, '.4f'):>8} {rates[0]:>8} {rates[1]:>8} {rates[2]:>8} "
-                    f"{_si(stats.synops[enc]):>11} {_si(stats.dense_macs):>10} "
-                    f"{format_energy(stats.energy_pj[enc]):>10} "
-                    f"{_fmt(stats.energy_ratio[enc], '.3f'):>6}")
-
-        lines = [f"spike statistics over {self.tokens} tokens (neuron: {', '.join(self.kinds)}; "
-                 f"SynOps and energy for the {enc} event train)", header, "-" * len(header)]
-        for layer in self.layers:
-            lines.append(row(layer, layer.name))
-            if per_site:
-                lines.extend(row(site, "  " + (site.site_type or site.name)) for site in self.sites
-                             if site.layer == layer.name)
-        lines += ["-" * len(header), row(self.total, "total"), ""]
-        total = self.total
-        lines.append(self.energy_table.describe())
-        ratio = self.energy_ratio
-        if ratio is None or ratio == 0 or abs(ratio - 1) < 1e-9:
-            saving = ""
-        else:
-            saving = f" = {1 / ratio:.3g}x less" if ratio < 1 else f" = {ratio:.3g}x more"
-        per_token = max(self.tokens, 1)
-        lines.append(
-            f"this model: {_si(total.synops[enc])} ACs + {_si(total.model_macs)} MACs = "
-            f"{format_energy(total.energy_pj[enc])} ({format_energy(total.energy_pj[enc] / per_token)}/token)")
-        lines.append(
-            f"dense twin (neuron: none), same tokens: {_si(total.dense_macs)} MACs = "
-            f"{format_energy(total.dense_energy_pj)} ({format_energy(total.dense_energy_pj / per_token)}/token)")
-        lines.append(f"energy ratio (this model / dense twin): {_fmt(ratio, '.4f')}{saving}")
-        lines.append("counted:")
-        lines.extend(f"  - {item}" for item in self.counted)
-        lines.append("not counted (in neither the model nor its dense twin):")
-        lines.extend(f"  - {item}" for item in self.not_counted)
-        for name, macs in self.uncounted_macs.items():
-            lines.append(f"  - {name}, left out of the totals: {_si(macs)} MACs = "
-                         f"{format_energy(macs * self.energy_table.mac_pj)}")
-        lines.extend(f"warning: {message}" for message in self.warnings)
-        return "\n".join(lines)
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _si(value: float) -> str:
-    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{suffix}"
-    return f"{value:g}"
-
 
 class SparsityMonitor:
     """Records spike statistics at every spike site of ``model`` while the ``with`` block runs.
@@ -456,9 +245,9 @@ class SparsityMonitor:
         if not self._recorders:
             raise ValueError("the monitor recorded nothing: run the model inside `with SparsityMonitor(model):`")
         sites, problems = [], []
-        layer_totals: dict[str, _Totals] = {}
+        layer_totals: dict[str, Totals] = {}
         layer_kinds: dict[str, set[str]] = {}
-        total = _Totals()
+        total = Totals()
         for name, module in self._sites:
             recorder = self._recorders.get(id(module))
             if recorder is None:
@@ -467,17 +256,17 @@ class SparsityMonitor:
             if raw["overflow"]:
                 problems.append(f"site {name}: {raw['overflow']} elements had |count| > max_count="
                                 f"{recorder.max_count}, counted as max_count + 1: its figures are lower bounds")
-            totals = _site_totals(recorder, raw)
+            totals = site_totals(recorder.fan_out, recorder.max_count, raw)
             layer, site_type = split_site_name(name)
             sites.append(totals.stats(name, recorder.kind, table, fan_out=recorder.fan_out,
                                       max_count=recorder.max_count, histogram=raw["histogram"], layer=layer,
                                       site_type=site_type))
-            layer_totals.setdefault(layer, _Totals()).add(totals)
+            layer_totals.setdefault(layer, Totals()).add(totals)
             layer_kinds.setdefault(layer, set()).add(recorder.kind)
             total.add(totals)
         kinds = sorted({site.kind for site in sites})
         layers = [totals.stats(layer, "/".join(sorted(layer_kinds[layer])), table)
-                  for layer, totals in sorted(layer_totals.items(), key=lambda item: _layer_order(item[0]))]
+                  for layer, totals in sorted(layer_totals.items(), key=lambda item: layer_order(item[0]))]
         for message in problems:
             warnings.warn(message, stacklevel=2)
         return SparsityReport(
@@ -498,28 +287,4 @@ class SparsityMonitor:
         return {"lm_head": tokens * weight.shape[0] * weight.shape[1]}
 
 
-def _layer_order(name: str) -> tuple[int, int, str]:
-    match = re.fullmatch(r"layer\.(\d+)", name)
-    return (0, int(match.group(1)), "") if match else (1, 0, name)
-
-
-def summarize_for_logging(report: SparsityReport) -> dict[str, float]:
-    """Flat scalars for the training loop's metrics files: whole-model figures and per-layer zero fraction, e.g.
-    ``sparsity/zero_fraction``, ``sparsity/energy_ratio``, ``sparsity/layer.3/zero_fraction``."""
-    total, enc = report.total, report.encoding
-    scalars: dict[str, float | None] = {
-        "sparsity/zero_fraction": total.zero_fraction,
-        "sparsity/mean_abs_count": total.mean_abs_count,
-        "sparsity/firing_rate": total.firing_rate[enc],
-        "sparsity/synops_per_token": total.synops[enc] / report.tokens if report.tokens else None,
-        "sparsity/energy_ratio": report.energy_ratio,
-    }
-    for layer in report.layers:
-        scalars[f"sparsity/{layer.name}/zero_fraction"] = layer.zero_fraction
-    return {key: float(value) for key, value in scalars.items() if value is not None}
-
-
-__all__ = [
-    "SparsityMonitor", "SparsityReport", "SpikeStats", "summarize_for_logging", "find_spike_sites",
-    "split_site_name", "time_steps", "add_to_histogram", "ENCODINGS",
-]
+__all__ = ["SparsityMonitor", "find_spike_sites", "add_to_histogram"]

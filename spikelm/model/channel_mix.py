@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from transformers import initialization as init
 
 from spikelm.model.config import SpikeLMConfig
-from spikelm.model.neurons import SpikingLinear
-from spikelm.model.time_mix import State, _SpikingMix, channel_ramp, mask_tokens
+from spikelm.model.neurons import SpikingLinear, mask_tokens
+from spikelm.model.time_mix import State, _SpikingMix, channel_ramp
 
 
 class ChannelMix(_SpikingMix):

@@ -49,6 +49,13 @@ AUTO_MAP = {
 }
 
 
+def lm_cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """Next-token cross-entropy of ``logits [B, T, V]`` against ``targets [B, T]`` (already shifted), in fp32;
+    targets of ``-100`` are ignored. The one loss of the project: the model's ``labels``, training and evaluation."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           reduction=reduction)
+
+
 class SpikeLMBlock(nn.Module):
     """One pre-norm residual block: TimeMix then ChannelMix. State: ``{"time_mix": ..., "channel_mix": ...}``."""
 
@@ -181,7 +188,10 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
                 raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
             if input_ids.shape[1] == 0:
                 raise ValueError("the input is empty (T = 0 tokens); give at least one token, e.g. a BOS token")
-            self._check_input_ids(input_ids)
+            if not (self.training and torch.is_grad_enabled()):
+                # Reading the ids' range back stalls a GPU's queue: training data is checked where it enters (the
+                # tokenizer's vocabulary against the model's), so only inference calls check here.
+                self._check_input_ids(input_ids)
             inputs_embeds = self.embeddings(input_ids)
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
             raise ValueError(f"inputs_embeds must be [B, T, C] with T >= 1, got shape {tuple(inputs_embeds.shape)}")
@@ -336,8 +346,7 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
             if labels.shape != logits.shape[:2]:
                 raise ValueError(f"labels must be [B, T] = {tuple(logits.shape[:2])} like input_ids, "
                                  f"got {tuple(labels.shape)}")
-            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+            loss = lm_cross_entropy(logits[:, :-1], labels[:, 1:].to(logits.device))
         output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache,
                                         hidden_states=outputs.hidden_states)
         return output if return_dict is not False else output.to_tuple()
@@ -380,9 +389,4 @@ def _global_hooks() -> bool:
                 or module_hooks._global_backward_hooks or module_hooks._global_backward_pre_hooks)
 
 
-def spike_sites(model: nn.Module) -> dict[str, SpikingNeuron]:
-    """Every spike site of a SpikeLM model, by site name (``"layers.0.time_mix.key"``, ..., ``"lm_head"``)."""
-    return {module.site: module for module in model.modules() if isinstance(module, SpikingNeuron)}
-
-
-__all__ = ["SpikeLMBlock", "SpikeLMPreTrainedModel", "SpikeLMModel", "SpikeLMForCausalLM", "spike_sites"]
+__all__ = ["SpikeLMBlock", "SpikeLMPreTrainedModel", "SpikeLMModel", "SpikeLMForCausalLM", "lm_cross_entropy"]

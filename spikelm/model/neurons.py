@@ -35,8 +35,8 @@ def kernel_backend(config: SpikeLMConfig) -> str | None:
     return None if config.kernel_backend == "auto" else config.kernel_backend
 
 
-def _masked(x: Tensor, mask: Tensor | None) -> Tensor:
-    """Zero ``x [B, T, C]`` where ``mask [B, T]`` is False."""
+def mask_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Zero ``x [B, T, C]`` where ``mask [B, T]`` is False (pads), so that no pad reaches a state or fires."""
     return x if mask is None else x * mask.unsqueeze(-1).to(x.dtype)
 
 
@@ -127,7 +127,7 @@ class AdaptiveNeuron(SpikingNeuron):
         self.max_spikes = int(max_spikes)
 
     def forward(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> tuple[Tensor, None]:
-        x32 = _masked(x.float(), mask)
+        x32 = mask_tokens(x.float(), mask)
         training = torch.is_grad_enabled() and x32.requires_grad
         # mean(|x|) / k as one fused L1 reduction, scaled and clamped in place on the small [B, T, 1] result. No
         # gradient flows through V_th (see _AdaptiveQuantize), so autograd need not record it.
@@ -166,7 +166,7 @@ class LIFNeuron(SpikingNeuron):
         self.backend = backend
 
     def forward(self, x: Tensor, state: Tensor | None = None, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        spikes, membrane = lif_scan(_masked(x, mask), state, self.tau, self.threshold, self.reset, self.alpha,
+        spikes, membrane = lif_scan(mask_tokens(x, mask), state, self.tau, self.threshold, self.reset, self.alpha,
                                     backend=self.backend)
         if self.observers:
             self._notify(spikes, mask)
@@ -199,7 +199,7 @@ class GatedNeuron(SpikingNeuron):
                 mask: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         current, accumulator = state if state is not None else (None, None)
         forget = torch.sigmoid(self.forget_logit.float())
-        counts, new_state = gated_scan(_masked(x, mask), forget, current, accumulator, self.bits, self.threshold,
+        counts, new_state = gated_scan(mask_tokens(x, mask), forget, current, accumulator, self.bits, self.threshold,
                                        backend=self.backend)
         if self.observers:
             self._notify(counts, mask)
@@ -221,7 +221,7 @@ class IdentityNeuron(SpikingNeuron):
         return isinstance(other, IdentityNeuron)
 
     def forward(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> tuple[Tensor, None]:
-        x = _masked(x, mask)
+        x = mask_tokens(x, mask)
         if self.observers:
             self._notify(x, mask)
         return x, None
@@ -291,6 +291,16 @@ class SpikingLinear(nn.Module):
         return out if self.linear.bias is None else out + self.linear.bias
 
 
+def time_steps(encoding: str, max_count: int) -> int:
+    """Virtual time steps S of an event train that carries counts up to ``max_count``: ``max_count`` for the binary
+    and ternary trains, ``ceil(log2(max_count + 1))`` bits for the bitwise one."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding={encoding!r} is not one of {', '.join(map(repr, ENCODINGS))}")
+    if encoding == "bitwise":
+        return max(1, int(max_count).bit_length())  # == ceil(log2(max_count + 1))
+    return int(max_count)
+
+
 def expand_counts(counts: Tensor, encoding: str, max_count: int) -> Tensor:
     """Expand integer spike counts into event trains over virtual time steps; returns ``[S, *counts.shape]``.
 
@@ -303,22 +313,20 @@ def expand_counts(counts: Tensor, encoding: str, max_count: int) -> Tensor:
     Events have the dtype of ``counts``. Raises ``ValueError`` for an unknown encoding, a non-positive
     ``max_count``, or counts that are not integers within [-max_count, max_count].
     """
-    if encoding not in ENCODINGS:
-        raise ValueError(f"encoding={encoding!r} is not one of {', '.join(map(repr, ENCODINGS))}")
     if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count <= 0:
         raise ValueError(f"max_count={max_count!r} must be a positive integer (the neuron's max_count)")
+    steps = time_steps(encoding, max_count)
     magnitude = counts.abs()
     if counts.numel() and (bool((magnitude > max_count).any()) or not torch.equal(counts, torch.round(counts))):
         raise ValueError(f"counts must be integers in [-{max_count}, {max_count}]; got values in "
                          f"[{counts.min().item()}, {counts.max().item()}]")
     if encoding == "bitwise":
-        steps = max(1, math.ceil(math.log2(max_count + 1)))
         bits = torch.arange(steps, device=counts.device).view(-1, *([1] * counts.dim()))
         return ((magnitude.long().unsqueeze(0) >> bits) & 1).to(counts.dtype)
-    steps = torch.arange(max_count, device=counts.device).view(-1, *([1] * counts.dim()))
-    events = (steps < magnitude.unsqueeze(0)).to(counts.dtype)  # [S, ...]
+    step = torch.arange(steps, device=counts.device).view(-1, *([1] * counts.dim()))
+    events = (step < magnitude.unsqueeze(0)).to(counts.dtype)  # [S, ...]
     return events * torch.sign(counts).unsqueeze(0) if encoding == "ternary" else events
 
 
 __all__ = ["SpikingNeuron", "AdaptiveNeuron", "LIFNeuron", "GatedNeuron", "IdentityNeuron", "SpikingLinear",
-           "build_neuron", "expand_counts", "kernel_backend", "ENCODINGS"]
+           "build_neuron", "expand_counts", "time_steps", "mask_tokens", "kernel_backend", "ENCODINGS"]

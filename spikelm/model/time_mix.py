@@ -22,14 +22,9 @@ from transformers import initialization as init
 
 from spikelm.kernels import rwkv4_scan, rwkv6_scan
 from spikelm.model.config import SpikeLMConfig
-from spikelm.model.neurons import SpikingLinear, kernel_backend
+from spikelm.model.neurons import SpikingLinear, kernel_backend, mask_tokens
 
 State = dict[str, Any]
-
-
-def mask_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
-    """Zero ``x [B, T, C]`` where ``mask [B, T]`` is False."""
-    return x if mask is None else x * mask.unsqueeze(-1).to(x.dtype)
 
 
 def token_shift(x: Tensor, previous: Tensor | None) -> Tensor:
@@ -312,4 +307,4 @@ def build_time_mix(config: SpikeLMConfig, layer_id: int) -> RWKV6TimeMix | RWKV4
     raise ValueError(f"SpikeLMConfig.time_mix={config.time_mix!r} is not one of 'rwkv6', 'rwkv4'")
 
 
-__all__ = ["RWKV6TimeMix", "RWKV4TimeMix", "build_time_mix", "token_shift", "mask_tokens", "channel_ramp", "wkv6_step"]
+__all__ = ["RWKV6TimeMix", "RWKV4TimeMix", "build_time_mix", "token_shift", "channel_ramp", "wkv6_step"]

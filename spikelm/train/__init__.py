@@ -1,2 +1,2 @@
-"""Training: recipes, data sources and packing, the tokenizer and its cache, the DeepSpeed loop, checkpoints and the
-learning-rate schedule. Stands on ``spikelm.model`` and ``spikelm.measure``."""
+"""Training: recipes, data sources, packing and loaders, the tokenizer and its cache, the DeepSpeed loop, checkpoints,
+the learning-rate schedule and the pre-launch plan. Stands on ``spikelm.model`` and ``spikelm.measure``."""

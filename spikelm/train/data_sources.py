@@ -18,6 +18,8 @@ import glob
 import hashlib
 import importlib.util
 import os
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -356,6 +358,11 @@ def is_heldout_bucket(bucket: float, cfg: DataConfig) -> bool:
     return bucket < cfg.heldout_fraction
 
 
+def streamed_heldout(text: str, cfg: DataConfig) -> bool:
+    """Whether a streamed document is held out: its text hash falls below ``data.heldout_fraction``."""
+    return is_heldout_bucket(document_bucket(text), cfg)
+
+
 def heldout_mask(buckets: list[float], cfg: DataConfig) -> list[bool]:
     """Which documents (given their buckets, in source order) are held out, map-style.
 
@@ -403,3 +410,43 @@ def split_documents(ds: Dataset, cfg: DataConfig) -> tuple[list[int], list[int]]
     train = [i for i, held in enumerate(mask) if not held]
     heldout = [i for i, held in enumerate(mask) if held]
     return train, heldout
+
+
+def split_texts(cfg: DataConfig, split: str, cache_dir: Path) -> Iterator[str]:
+    """The non-empty texts of ``split`` (``"train"`` or ``"heldout"``) in source order: by ``streamed_heldout`` when
+    ``data.streaming``, else by ``split_documents`` (the Arrow copy of local files goes to ``cache_dir``)."""
+    heldout = split == "heldout"
+    if cfg.streaming:
+        yield from (row["text"] for row in load_documents(cfg, streaming=True)
+                    if row["text"] and streamed_heldout(row["text"], cfg) == heldout)
+        return
+    ds = load_documents(cfg, streaming=False, cache_dir=cache_dir)
+    train_idx, heldout_idx = split_documents(ds, cfg)
+    yield from (row["text"] for row in ds.select(heldout_idx if heldout else train_idx) if row["text"])
+
+
+def take_chars(texts: Iterable[str], max_chars: int) -> list[str]:
+    """The first documents of ``texts`` holding ``max_chars`` characters in all, the last one cut to fit."""
+    taken: list[str] = []
+    remaining = max_chars
+    for text in texts:
+        taken.append(text[:remaining])
+        remaining -= len(taken[-1])
+        if remaining <= 0:
+            break
+    return taken
+
+
+def heldout_text(cfg: DataConfig, max_chars: int) -> str:
+    """Up to ``max_chars`` characters of raw held-out text: the held-out documents in source order, blank-line joined.
+
+    The same split as the packed data (``split_texts``), for ``spikelm eval`` / ``spikelm sparsity --recipe``.
+    """
+    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars <= 0:
+        raise ValueError(f"max_chars: expected a positive integer, got {max_chars!r}")
+    # Map-style choice needs every document's hash; the Arrow copy goes to a temporary cache (no run dir here).
+    with tempfile.TemporaryDirectory(prefix="spikelm-heldout-") as tmp:
+        result = "\n\n".join(take_chars(split_texts(cfg, "heldout", Path(tmp)), max_chars))[:max_chars]
+    if not result.strip():
+        raise SpikeLMError(f"data.source {cfg.source!r} has no held-out text; raise data.heldout_fraction")
+    return result

@@ -1,19 +1,23 @@
-"""Process-group helpers shared by the data pipeline, the tokenizer cache and the training loop.
+"""Process-group and cache helpers shared by the data pipeline, the tokenizer cache and the training loop.
 
-Kept apart so that ``data`` and ``tokenizer_cache`` both use them without importing each other.
+Kept apart so that ``packing`` and ``tokenizer_cache`` both use them without importing each other.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 from filelock import FileLock
+
+from spikelm.errors import SpikeLMError
 
 _T = TypeVar("_T")
 
@@ -53,6 +57,51 @@ def file_lock(path: Path) -> Iterator[None]:
         yield
 
 
+LOCAL_HOSTS = ("localhost", "127.0.0.1", socket.gethostname())
+
+
+def read_hostfile(path: Path) -> dict[str, int]:
+    """Hosts and their slots from a DeepSpeed hostfile (``HOST slots=N`` lines, ``#`` comments)."""
+    if not path.is_file():
+        raise SpikeLMError(f"--hostfile {str(path)!r} does not exist")
+    hosts: dict[str, int] = {}
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        slots = parts[1][len("slots="):] if len(parts) == 2 and parts[1].startswith("slots=") else ""
+        if not slots.isdigit() or int(slots) == 0 or parts[0] in hosts:
+            raise SpikeLMError(f"--hostfile {str(path)!r} line {number}: expected 'HOST slots=N' with N >= 1 and "
+                               f"each host once, got {line!r}")
+        hosts[parts[0]] = int(slots)
+    if not hosts:
+        raise SpikeLMError(f"--hostfile {str(path)!r} lists no hosts")
+    return hosts
+
+
+def build_once(root: Path, key: str, build: Callable[[Path], None],
+               ready: Callable[[Path], bool] = Path.is_dir) -> Path:
+    """The cache entry ``root/key``, built once across processes and never seen half-written.
+
+    Under a file lock, unless ``ready(root/key)``, ``build`` fills a fresh temporary directory beside the entry, which
+    is then renamed into place (a leftover that is not ready is replaced). An interrupted build leaves only the
+    temporary directory, which is removed, so an entry appears complete or not at all.
+    """
+    final = root / key
+    with file_lock(root / f"{key}.lock"):
+        if not ready(final):
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
+            try:
+                build(tmp)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now (the rendezvous port of a launch)."""
     with socket.socket() as s:
@@ -72,4 +121,5 @@ def prepare_environment(master_port: int | None = None) -> None:
         os.environ["MASTER_PORT"] = str(master_port or free_port())
 
 
-__all__ = ["dist_world", "rank_zero_first", "file_lock", "free_port", "prepare_environment"]
+__all__ = ["dist_world", "rank_zero_first", "file_lock", "build_once", "free_port", "prepare_environment",
+           "read_hostfile", "LOCAL_HOSTS"]

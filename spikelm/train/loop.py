@@ -14,7 +14,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -137,22 +137,6 @@ class Throughput:
         return rate
 
 
-def _all_ranks_any(flag: bool, world_size: int) -> bool:
-    if world_size == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0])
-    torch.distributed.all_reduce(value)
-    return bool(value.item() > 0)
-
-
-def _mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
-    value = value.detach().float().reshape(1).cpu()
-    if world_size > 1:
-        torch.distributed.all_reduce(value)
-        value /= world_size
-    return float(value.item())
-
-
 def _sparsity_monitor(model: torch.nn.Module) -> Any:
     """A ``SparsityMonitor(model)``, or ``None`` if it cannot watch this model (training never needs it)."""
     try:
@@ -174,10 +158,11 @@ def _sparsity_summary(monitor: Any) -> dict[str, Any]:
     return {"zero_fraction": float(total), "layer_zero_fraction": layers}
 
 
-def _grad_norm(model: torch.nn.Module) -> float | None:
-    """Norm of the full gradients held in ``.grad`` (ZeRO 0, where DeepSpeed does not record the norm)."""
+def _grad_norm(model: torch.nn.Module) -> torch.Tensor | None:
+    """Norm of the full gradients held in ``.grad`` (ZeRO 0, where DeepSpeed does not record the norm), on the
+    device (``flush`` reads it back)."""
     grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else None
+    return torch.stack(grads).norm() if grads else None
 
 
 def unigram_entropy(blocks: Any, vocab_size: int, max_tokens: int = 10_000_000) -> float | None:
@@ -230,6 +215,8 @@ class Run:
     step: int = 0
     tokens_seen: int = 0
     saved_step: int = -1  # the step of the last checkpoint written or resumed from
+    pending: list[dict[str, Any]] = field(default_factory=list)  # train rows whose loss is still on the device
+    last_loss: float = math.nan  # of the last step read back by ``flush``
 
     @property
     def is_main(self) -> bool:
@@ -253,21 +240,23 @@ def train(recipe: Recipe, run_dir: Path, *, resume: Path | None = None, no_resum
     with StopSignal() as stop, contextlib.closing(bar):
         while run.step < run.total_steps:
             log_now = (run.step + 1) % recipe.logging.every_steps == 0 or run.step + 1 == run.total_steps
-            row = train_step(run, with_grad_norm=log_now)
+            grad_norm = train_step(run, with_grad_norm=log_now)
             bar.update(1)
-            if log_now:
-                row.update(tokens_per_s=throughput.tokens_per_s(run.tokens_seen), time=time.time())
-                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:,.0f}")
-            else:
-                del row["grad_norm"]
-            run.metrics.write(row)
-            if recipe.eval.every_steps and run.step % recipe.eval.every_steps == 0 and run.step < run.total_steps:
+            evaluate_now = recipe.eval.every_steps and run.step % recipe.eval.every_steps == 0
+            save_now = recipe.checkpoint.every_steps and run.step % recipe.checkpoint.every_steps == 0
+            signalled = False
+            if log_now or evaluate_now or save_now:  # the only steps that read values back from the device
+                signalled = flush(run, grad_norm=grad_norm, stop=stop.received is not None,
+                                  throughput=throughput if log_now else None)
+                if log_now:
+                    bar.set_postfix(loss=f"{run.last_loss:.4f}")
+            if evaluate_now and run.step < run.total_steps:
                 evaluate(run, write=bar.write)
                 throughput.restart()  # eval time does not count against training throughput
-            if recipe.checkpoint.every_steps and run.step % recipe.checkpoint.every_steps == 0:
+            if save_now:
                 save(run)
-            if _all_ranks_any(stop.received is not None or run.step == stop_at_step, run.world_size):
-                stopped_by = "signal" if stop.received is not None else f"--stop-at-step {stop_at_step}"
+            if signalled or run.step == stop_at_step:
+                stopped_by = "signal" if signalled else f"--stop-at-step {stop_at_step}"
                 break
     return finish(run, stopped_by, write=bar.write)
 
@@ -278,7 +267,9 @@ def setup(recipe: Recipe, run_dir: Path, *, resume: Path | None, no_resume: bool
 
     from spikelm.measure.evaluation import heldout_batches
     from spikelm.model.modeling import SpikeLMForCausalLM
-    from spikelm.train import data as spikedata
+    from spikelm.train.loader import batch_loader
+    from spikelm.train.packing import build_datasets
+    from spikelm.train.tokenizer_cache import check_vocab, prepare_tokenizer
 
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
@@ -289,11 +280,10 @@ def setup(recipe: Recipe, run_dir: Path, *, resume: Path | None, no_resume: bool
     cache_dir = cache_dir or Path(os.environ.get("SPIKELM_CACHE", Path.home() / ".cache" / "spikelm"))
 
     # Tokenizer and data (both build their caches on rank 0 first; the other ranks then read them).
-    tokenizer = spikedata.prepare_tokenizer(recipe.tokenizer, recipe.data, cache_dir)
-    train_blocks, heldout_blocks = spikedata.build_datasets(recipe.data, tokenizer, recipe.train.block_size,
-                                                            cache_dir)
+    tokenizer = prepare_tokenizer(recipe.tokenizer, recipe.data, cache_dir)
+    train_blocks, heldout_blocks = build_datasets(recipe.data, tokenizer, recipe.train.block_size, cache_dir)
     config = recipe.model_config(len(tokenizer))
-    spikedata.check_vocab(tokenizer, config)
+    check_vocab(tokenizer, config)
 
     # Resume point, read before building anything heavy so a mismatched recipe fails fast.
     checkpoint = None if no_resume else (resume or find_latest_checkpoint(run_dir))
@@ -316,8 +306,8 @@ def setup(recipe: Recipe, run_dir: Path, *, resume: Path | None, no_resume: bool
     optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
                                   eps=optim.eps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    loader = spikedata.BatchLoader(train_blocks, recipe.train.micro_batch_size, rank=rank, world_size=world_size,
-                                   seed=recipe.seed)
+    loader = batch_loader(train_blocks, recipe.train.micro_batch_size, rank=rank, world_size=world_size,
+                          seed=recipe.seed)
     step, tokens_seen = 0, 0
     if checkpoint is not None:
         trainer_state, rank_state = load_checkpoint(engine, checkpoint, rank=rank, world_size=world_size,
@@ -369,38 +359,65 @@ def _describe(run: Run, train_blocks: Any, heldout_blocks: Any) -> None:
         run.say(f"unigram entropy of the training tokens: {entropy:.3f} nats/token (the loss to beat)")
 
 
-def train_step(run: Run, *, with_grad_norm: bool) -> dict[str, Any]:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics row.
-
-    Raises ``TrainingDiverged`` before any weight changes if a micro-batch's loss is not finite.
-    """
+def train_step(run: Run, *, with_grad_norm: bool) -> torch.Tensor | None:
+    """One optimizer step over ``grad_accum`` micro-batches. Nothing is read back to the host: the step's mean loss
+    stays on the device in ``run.pending`` until ``flush``. Returns the gradient norm when asked (a device tensor
+    under ZeRO 0; DeepSpeed's own figure under ZeRO >= 1), else ``None``."""
     recipe, engine, optim = run.recipe, run.engine, run.recipe.optim
     lr = lr_at(run.step, lr=optim.lr, min_lr=optim.min_lr, warmup_steps=optim.warmup_steps,
                total_steps=run.total_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    step_loss, grad_norm = 0.0, None
+    step_loss, grad_norm = torch.zeros((), device=run.device), None
     for _ in range(recipe.train.grad_accum):
         batch = next(run.loader).to(run.device)  # [micro, block_size + 1]
         loss = lm_loss(engine(input_ids=batch[:, :-1]).logits, batch[:, 1:])
-        micro_loss = _mean_over_ranks(loss, run.world_size)
-        if not math.isfinite(micro_loss):
-            kept = (f"the last good checkpoint (step {run.saved_step}) is kept" if run.saved_step >= 0 else
-                    "no checkpoint was written yet")
-            raise TrainingDiverged(
-                f"the loss became {micro_loss} at step {run.step + 1} (lr {lr:.3g}); stopped before updating "
-                f"the weights; {kept}. Lower optim.lr or raise optim.warmup_steps and run again")
         engine.backward(loss)
         if with_grad_norm and engine.is_gradient_accumulation_boundary() and recipe.deepspeed.zero_stage == 0:
             grad_norm = _grad_norm(engine.module)  # all-reduced by the boundary backward, cleared by the step
         engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
-        step_loss += micro_loss / recipe.train.grad_accum
+        step_loss += loss.detach().float() / recipe.train.grad_accum
     if grad_norm is None and with_grad_norm and engine.get_global_grad_norm() is not None:
-        grad_norm = float(engine.get_global_grad_norm())  # ZeRO >= 1 records it in step()
+        grad_norm = engine.get_global_grad_norm()  # ZeRO >= 1 records it in step()
     run.step += 1
     run.tokens_seen += run.tokens_per_step
-    return {"kind": "train", "step": run.step, "loss": step_loss, "lr": lr, "tokens": run.tokens_seen,
-            "grad_norm": grad_norm}
+    run.pending.append({"kind": "train", "step": run.step, "loss": step_loss, "lr": lr, "tokens": run.tokens_seen})
+    return grad_norm
+
+
+def flush(run: Run, *, grad_norm: Any = None, stop: bool = False, throughput: Throughput | None = None) -> bool:
+    """Read the pending steps' losses back (one collective and one host read for all of them), stop on a
+    non-finite loss, write their metrics rows; returns whether any rank received a stop signal.
+
+    Runs at logging, evaluation and checkpoint steps and at the end, never elsewhere: every other step queues its
+    work on the device without waiting for it. A NaN is therefore caught up to ``logging.every_steps`` steps late,
+    but always before anything is saved, so the last checkpoint on disk is good.
+    """
+    rows = run.pending
+    values = [row["loss"] for row in rows]
+    norm = torch.as_tensor(grad_norm if grad_norm is not None else 0.0, dtype=torch.float32, device=run.device)
+    packed = torch.stack([*values, norm.reshape(()), torch.tensor(float(stop), device=run.device)])
+    if run.world_size > 1:
+        torch.distributed.all_reduce(packed)  # on the run's device: NCCL has no CPU tensors
+        packed[:-1] /= run.world_size  # losses and the (identical) norm: mean; the stop flag stays a sum
+    *losses, norm_value, stops = packed.tolist()
+    run.pending = []
+    for row, loss in zip(rows, losses, strict=True):
+        if not math.isfinite(loss):
+            kept = (f"the last good checkpoint (step {run.saved_step}) is kept" if run.saved_step >= 0 else
+                    "no checkpoint was written yet")
+            raise TrainingDiverged(
+                f"the loss became {loss} at step {row['step']} (lr {row['lr']:.3g}); the run stopped at step "
+                f"{run.step} without saving anything after it; {kept}. Lower optim.lr or raise optim.warmup_steps "
+                "and run again")
+        row["loss"] = run.last_loss = loss
+    if throughput is not None and rows:  # a logging step: its row also gets throughput and gradient norm
+        # Timed after the read-back, which waited for the device: the window holds the steps' whole work.
+        rows[-1].update(tokens_per_s=throughput.tokens_per_s(run.tokens_seen),
+                        grad_norm=norm_value if grad_norm is not None else None, time=time.time())
+    for row in rows:
+        run.metrics.write(row)
+    return stops > 0
 
 
 def evaluate(run: Run, *, write: Any = print) -> dict[str, Any]:
@@ -436,6 +453,8 @@ def evaluate(run: Run, *, write: Any = print) -> dict[str, Any]:
 
 def save(run: Run) -> None:
     """A checkpoint of the current step (atomic; pruned to ``checkpoint.keep_last``); collective."""
+    if run.pending:
+        flush(run)  # a NaN must never reach a checkpoint
     recipe = run.recipe
     trainer_state = {"step": run.step, "tokens_seen": run.tokens_seen, "world_size": run.world_size,
                      "zero_stage": recipe.deepspeed.zero_stage,
@@ -448,6 +467,8 @@ def save(run: Run) -> None:
 
 def finish(run: Run, stopped_by: str | None, *, write: Any = print) -> int:
     """After the loop: checkpoint what is not saved yet; when training is complete, the final eval and the export."""
+    if run.pending:
+        flush(run)
     if stopped_by is not None:
         if run.saved_step != run.step:
             save(run)
@@ -475,8 +496,10 @@ def _logged_eval(run: Run) -> dict[str, Any] | None:
     if run.is_main and run.metrics.path.is_file():
         rows = [json.loads(line) for line in run.metrics.path.read_text().splitlines() if line.strip()]
         row = next((r for r in reversed(rows) if r.get("kind") == "eval" and r.get("step") == run.step), None)
-    found = _all_ranks_any(row is not None, run.world_size)
-    return (row or {"loss": float("nan")}) if found else None
+    found = torch.tensor(float(row is not None), device=run.device)  # on the run's device: NCCL has no CPU tensors
+    if run.world_size > 1:
+        torch.distributed.all_reduce(found)
+    return (row or {"loss": float("nan")}) if found.item() > 0 else None
 
 
 def _recipe_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> dict[str, list[Any]]:

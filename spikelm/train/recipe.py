@@ -25,7 +25,7 @@ import yaml
 
 from spikelm.errors import SpikeLMError
 from spikelm.model.config import PRESETS, SpikeLMConfig
-from spikelm.train.data import DataConfig, TokenizerConfig
+from spikelm.train.data_sources import DataConfig, TokenizerConfig
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -268,7 +268,7 @@ class Recipe:
     name: str
     """Run name: the default run directory is ``runs/<name>``."""
     data: DataConfig
-    """Where the text comes from (see :class:`spikelm.train.data.DataConfig`)."""
+    """Where the text comes from (see :class:`spikelm.train.data_sources.DataConfig`)."""
     seed: int = 0
     """Seeds model init, data order and sampling."""
     model: ModelSection = field(default_factory=ModelSection)

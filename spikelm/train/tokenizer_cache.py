@@ -2,6 +2,10 @@
 
 The cache key is a hash of the exact training text and the training settings, so a second run with the same data
 reuses ``cache_dir/tokenizers/<hash>/`` and a change of text, vocabulary size or byte fallback trains a new one.
+Reading the sample to hash it costs minutes at scale (``sample_chars`` of 500M), on every start and every rank, so a
+pointer file ``cache_dir/tokenizers/source-<key>.json`` maps the *source* (files' paths, sizes and mtimes or the hub
+name, the split settings and the tokenizer settings: what the data cache keys on too) to the content hash; while it
+holds, a start reads no text at all.
 """
 
 from __future__ import annotations
@@ -9,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,18 +20,20 @@ from spikelm.errors import SpikeLMError
 from spikelm.train.data_sources import (
     DataConfig,
     TokenizerConfig,
-    document_bucket,
-    is_heldout_bucket,
-    load_documents,
-    split_documents,
+    resolve_source,
+    selection_fingerprint,
+    source_fingerprint,
+    split_texts,
+    take_chars,
 )
-from spikelm.train.dist import file_lock, rank_zero_first
+from spikelm.train.dist import build_once, rank_zero_first
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 # Bump when the way a tokenizer is trained changes, so old cache entries are not reused.
 TOKENIZER_CACHE_VERSION = 1
+CACHE_META = "spikelm_tokenizer_cache.json"  # written last into an entry: a directory without it is not finished
 
 
 def training_sample(data_cfg: DataConfig, max_chars: int, cache_dir: Path) -> list[str]:
@@ -37,24 +41,7 @@ def training_sample(data_cfg: DataConfig, max_chars: int, cache_dir: Path) -> li
 
     Returned as documents; the last one is cut so that the total is at most ``max_chars``.
     """
-    if data_cfg.streaming:
-        train_texts = (
-            row["text"] for row in load_documents(data_cfg, streaming=True)
-            if not is_heldout_bucket(document_bucket(row["text"]), data_cfg)
-        )
-    else:
-        ds = load_documents(data_cfg, streaming=False, cache_dir=cache_dir / "hf_datasets")
-        train_idx, _ = split_documents(ds, data_cfg)
-        train_texts = (row["text"] for row in ds.select(train_idx))
-    sample: list[str] = []
-    remaining = max_chars
-    for text in train_texts:
-        if not text:
-            continue
-        sample.append(text[:remaining])
-        remaining -= len(sample[-1])
-        if remaining <= 0:
-            break
+    sample = take_chars(split_texts(data_cfg, "train", cache_dir / "hf_datasets"), max_chars)
     if not any(t.strip() for t in sample):
         raise SpikeLMError(f"data.source {data_cfg.source!r} holds no text to train a tokenizer on; check the files")
     return sample
@@ -79,11 +66,22 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(payload + extra).hexdigest()
 
 
+def _settings(tok_cfg: TokenizerConfig) -> dict[str, Any]:
+    return {"version": TOKENIZER_CACHE_VERSION, "vocab_size": tok_cfg.vocab_size,
+            "byte_fallback": tok_cfg.byte_fallback, "sample_chars": tok_cfg.sample_chars}
+
+
+def _source_key(tok_cfg: TokenizerConfig, data_cfg: DataConfig) -> str:
+    """A hash of what decides the training sample without reading it: the source, the split and the settings."""
+    source = {"source": source_fingerprint(data_cfg, resolve_source(data_cfg)),
+              "selection": selection_fingerprint(data_cfg), "streaming": data_cfg.streaming,
+              "settings": _settings(tok_cfg)}
+    return hashlib.sha256(json.dumps(source, sort_keys=True).encode("utf-8")).hexdigest()[:20]
+
+
 def _training_key(tok_cfg: TokenizerConfig, sample: list[str]) -> str:
     digest = hashlib.sha256()
-    settings = {"version": TOKENIZER_CACHE_VERSION, "vocab_size": tok_cfg.vocab_size,
-                "byte_fallback": tok_cfg.byte_fallback, "sample_chars": tok_cfg.sample_chars}
-    digest.update(json.dumps(settings, sort_keys=True).encode("utf-8"))
+    digest.update(json.dumps(_settings(tok_cfg), sort_keys=True).encode("utf-8"))
     for text in sample:
         # Length-prefixed so that moving a boundary between documents changes the hash.
         encoded = text.encode("utf-8")
@@ -129,24 +127,37 @@ def prepare_tokenizer(tok_cfg: TokenizerConfig, data_cfg: DataConfig, cache_dir:
     return rank_zero_first(lambda: _prepare_cached(tok_cfg, data_cfg, Path(cache_dir)))
 
 
+def _cached_for_source(root: Path, pointer: Path) -> Path | None:
+    """The tokenizer directory ``pointer`` names, if the pointer is readable and the directory is complete."""
+    try:
+        key = json.loads(pointer.read_text())["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # missing, or left half-written by a crash: read the sample instead
+    final = root / str(key)
+    return final if (final / CACHE_META).is_file() else None
+
+
 def _prepare_cached(tok_cfg: TokenizerConfig, data_cfg: DataConfig, cache_dir: Path) -> PreTrainedTokenizerBase:
+    root = cache_dir / "tokenizers"
+    pointer = root / f"source-{_source_key(tok_cfg, data_cfg)}.json"
+    found = _cached_for_source(root, pointer)
+    if found is not None:
+        return _load(found)
     sample = training_sample(data_cfg, tok_cfg.sample_chars, cache_dir)
     key = _training_key(tok_cfg, sample)
-    root = cache_dir / "tokenizers"
-    final = root / key
-    root.mkdir(parents=True, exist_ok=True)
-    with file_lock(root / f"{key}.lock"):
-        if not final.is_dir():
-            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
-            try:
-                _train_into(tok_cfg, sample, tmp)
-                meta: dict[str, Any] = {"key": key, "vocab_size": tok_cfg.vocab_size,
-                                        "byte_fallback": tok_cfg.byte_fallback, "sample_chars": tok_cfg.sample_chars,
-                                        "sample_docs": len(sample), "source": data_cfg.source}
-                (tmp / "spikelm_tokenizer_cache.json").write_text(json.dumps(meta, indent=2))
-                os.replace(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+
+    def build(tmp: Path) -> None:
+        _train_into(tok_cfg, sample, tmp)
+        meta: dict[str, Any] = {"key": key, "vocab_size": tok_cfg.vocab_size, "byte_fallback": tok_cfg.byte_fallback,
+                                "sample_chars": tok_cfg.sample_chars, "sample_docs": len(sample),
+                                "source": data_cfg.source}
+        (tmp / CACHE_META).write_text(json.dumps(meta, indent=2))
+
+    final = build_once(root, key, build, ready=lambda path: (path / CACHE_META).is_file())
+    # The pointer is replaced atomically, so a reader sees the old one, the new one or none (then reads the sample).
+    staged = pointer.with_name(f".{pointer.name}.{os.getpid()}")
+    staged.write_text(json.dumps({"key": key, "source": data_cfg.source}))
+    os.replace(staged, pointer)
     return _load(final)
 
 

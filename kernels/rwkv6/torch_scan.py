@@ -27,7 +27,7 @@ import torch.nn.functional as F
 DEFAULT_CHUNK_SIZE = 8
 
 
-def chunk_rwkv6_torch(
+def rwkv6_scan_torch(
     r: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
