@@ -474,3 +474,17 @@ def test_a_signal_to_the_launcher_stops_every_rank_and_the_run_resumes_exactly(t
     assert sorted(resumed) == sorted(expected) == list(range(1, at + 3))
     assert [resumed[s] for s in sorted(resumed)] == pytest.approx([expected[s] for s in sorted(expected)],
                                                                   rel=1e-6, abs=1e-7)
+
+
+def test_attention_mask_values_other_than_0_and_1_are_refused():
+    from spikelm import SpikeLMConfig, SpikeLMForCausalLM
+
+    model = SpikeLMForCausalLM(SpikeLMConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, head_size=16,
+                                             decay_lora_rank=4, intermediate_size=64)).eval()
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ValueError, match="0 \\(pad\\) or 1"):
+        model(input_ids=ids, attention_mask=torch.tensor([[1, 2, 1]]))
+    padded = model(input_ids=ids, attention_mask=torch.tensor([[0, 1, 1]])).logits
+    assert torch.equal(model(input_ids=ids, attention_mask=torch.tensor([[True, True, True]])).logits,
+                       model(input_ids=ids).logits)
+    assert padded.shape == (1, 3, 300)
