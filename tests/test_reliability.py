@@ -207,6 +207,12 @@ def test_deepspeed_config_overrides_of_typed_fields_are_refused(tmp_path, corpus
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_a_run_name_that_is_not_a_folder_name_is_refused(tmp_path, corpus, cache, capsys):
+    recipe = write_tiny_recipe(tmp_path, corpus)
+    assert train_cli(recipe, tmp_path / "run", cache, "--set", "name=..") == 2
+    assert "name:" in capsys.readouterr().err
+
+
 def test_non_finite_learning_rate_is_refused(tmp_path, corpus, cache, capsys):
     recipe = write_tiny_recipe(tmp_path, corpus)
     assert train_cli(recipe, tmp_path / "run", cache, "--set", "optim.lr=inf") == 2
@@ -316,6 +322,15 @@ def test_a_non_utf8_data_file_is_named_with_the_byte_offset(tmp_path, cache, cap
     assert train_cli(recipe, tmp_path / "run", cache) == 2
     err = capsys.readouterr().err
     assert str(data) in err and f"offset {14 * 200 + 3}" in err and "Traceback" not in err
+
+
+def test_a_non_utf8_file_in_a_stream_is_named_too(tmp_path, cache, capsys):
+    data = tmp_path / "latin1.txt"
+    data.write_bytes(b"Hello world.\n\n" * 2000 + "Caf\u00e9\n".encode("latin-1") + b"more text\n" * 100)
+    recipe = write_tiny_recipe(tmp_path, data, data={"source": str(data), "streaming": True})
+    assert train_cli(recipe, tmp_path / "run", cache) == 2
+    err = capsys.readouterr().err
+    assert str(data) in err and f"offset {14 * 2000 + 3}" in err
 
 
 def test_first_invalid_utf8_counts_across_chunks(tmp_path):

@@ -49,7 +49,9 @@ def _read_text(args: argparse.Namespace) -> str:
     if args.text is not None:
         if not args.text.is_file():
             raise SpikeLMError(f"--text {args.text}: no such file; give a UTF-8 text file of held-out text")
-        text = args.text.read_text(encoding="utf-8", errors="replace")
+        from spikelm.train.data_sources import read_utf8
+
+        text = read_utf8(args.text, "--text")
         origin = f"--text {args.text}"
     elif args.recipe is not None:
         if not args.recipe.is_file():

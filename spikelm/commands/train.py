@@ -223,8 +223,13 @@ def _train(args: argparse.Namespace, recipe: Any) -> int:
     prepare_environment(args.master_port)
     from spikelm.train.loop import train
 
-    return train(recipe, args.out, resume=args.resume, no_resume=args.no_resume, stop_at_step=args.stop_at_step,
-                 cache_dir=args.cache_dir, progress=not args.no_progress)
+    try:
+        return train(recipe, args.out, resume=args.resume, no_resume=args.no_resume, stop_at_step=args.stop_at_step,
+                     cache_dir=args.cache_dir, progress=not args.no_progress)
+    except UnicodeDecodeError as err:  # a streamed data file met its first non-UTF-8 byte: name the file
+        from spikelm.train.data_sources import undecodable_source
+
+        raise (undecodable_source(recipe.data) or SpikeLMError(f"data.source {recipe.data.source!r}: {err}")) from err
 
 
 __all__ = ["add_arguments", "run", "die_with_parent", "DEFAULT_RECIPE"]

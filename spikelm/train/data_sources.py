@@ -289,6 +289,13 @@ def _undecodable(files: list[str]) -> SpikeLMError | None:
     return None
 
 
+def undecodable_source(cfg: DataConfig) -> SpikeLMError | None:
+    """After a ``UnicodeDecodeError`` while reading ``cfg``'s documents (a stream reports it late, without a file
+    name): the error naming the local file and byte offset, or ``None`` when no local text file is at fault."""
+    resolved = resolve_source(cfg)
+    return _undecodable([str(p) for p in resolved.files]) if resolved.builder != "hub" else None
+
+
 def load_documents(cfg: DataConfig, *, streaming: bool, cache_dir: Path | None = None) -> Dataset | IterableDataset:
     """The source's documents as a ``datasets`` table with one ``text`` column (``IterableDataset`` when streaming).
 
