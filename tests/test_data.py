@@ -509,3 +509,21 @@ def test_two_gloo_ranks_share_one_cache_entry_and_split_the_global_batch(tmp_pat
     entries = [p for p in (tmp_path / "cache" / "data").iterdir() if p.is_dir()]
     assert len(entries) == 1  # rank 0 built it, rank 1 reused it
     assert len([p for p in (tmp_path / "cache" / "tokenizers").iterdir() if p.is_dir()]) == 1
+
+
+def test_stale_extension_build_locks_are_cleared(tmp_path):
+    # A build killed midway leaves torch's lock behind, and torch waits for it forever: old locks go, fresh stay.
+    import os
+    import time
+
+    from spikelm.train.dist import clear_stale_build_locks
+
+    stale = tmp_path / "deepspeed_shm_comm" / "lock"
+    fresh = tmp_path / "py311_cpu" / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    assert clear_stale_build_locks(tmp_path) == [stale]
+    assert not stale.exists() and fresh.exists()

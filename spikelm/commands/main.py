@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sparsity": ("spikelm.commands.sparsity", "measure spike statistics, synaptic operations and energy"),
     "eval": ("spikelm.commands.eval", "held-out loss, perplexity and bits per byte"),
     "plan": ("spikelm.commands.plan", "parameters, FLOPs, memory per GPU and wall time of a recipe, before launch"),
+    "convert": ("spikelm.commands.convert", "a SpikeLM export from an RwkvForCausalLM directory or another export"),
 }
 
 

@@ -1,5 +1,6 @@
-"""The model: config, spiking neurons, time/channel mix, the Hugging Face model classes and the recurrent cache.
+"""The model: config, spiking neurons, time/channel mix, the Hugging Face model classes, the recurrent cache and
+conversion from other models.
 
 Imports only ``spikelm.kernels`` and ``spikelm.errors``; nothing here reads files other than through
-``from_pretrained``/``save_pretrained``.
+``from_pretrained``/``save_pretrained``, except ``convert`` (which reads other models' weight files).
 """

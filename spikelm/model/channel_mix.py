@@ -53,13 +53,5 @@ class ChannelMix(_SpikingMix):
         new_state["shift"] = x[:, -1]
         return out, new_state
 
-    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        """One decoding step (see ``_SpikingMix``): ``x [B, C]`` and its state -> ``(out [B, C], new_state)``."""
-        new_state: State = {"shift": x}
-        mixed = self._mixed_inputs(x, state["shift"])  # (2, B, C)
-        k, r = self._sites_step(("key", "receptance"), mixed, state, new_state)
-        out = torch.sigmoid(r) * self._site_step("value", torch.relu(k).square(), state, new_state)
-        return out, new_state
-
 
 __all__ = ["ChannelMix"]

@@ -48,6 +48,10 @@ class SpikeLMConfig(PretrainedConfig):
         neuron: spiking neuron at every spike site: ``"adaptive"``, ``"lif"``, ``"gated"`` or ``"none"`` (dense twin).
         spike_lm_head: also put a spike site in front of the LM head.
         layer_norm_epsilon: epsilon of every LayerNorm / GroupNorm.
+        layer_norm_eps_rescale_every: ``N > 0`` multiplies the epsilon of block i's LayerNorms by ``4 ** (i // N)``:
+            what ``RwkvForCausalLM``'s inference-time residual halving every N blocks amounts to (``0`` = off; set by
+            ``spikelm convert``, see ``spikelm/model/convert.py``).
+        ln_out_epsilon: epsilon of the final LayerNorm; ``None`` means ``layer_norm_epsilon``.
         initializer_range: std of the normal init of projections and embeddings.
         kernel_backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"`` or ``"naive"``.
     Adaptive neuron (SpikingBrain):
@@ -78,6 +82,8 @@ class SpikeLMConfig(PretrainedConfig):
     neuron: str = "adaptive"
     spike_lm_head: bool = False
     layer_norm_epsilon: float = 1e-5
+    layer_norm_eps_rescale_every: int = 0
+    ln_out_epsilon: float | None = None
     initializer_range: float = 0.02
     kernel_backend: str = "auto"
     adaptive_k: float = 3.0
@@ -122,12 +128,22 @@ class SpikeLMConfig(PretrainedConfig):
         for name in ("layer_norm_epsilon", "initializer_range", "adaptive_k", "lif_tau", "lif_threshold",
                      "lif_alpha", "gated_threshold"):
             _positive(name, getattr(self, name))
+        every = self.layer_norm_eps_rescale_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(f"SpikeLMConfig.layer_norm_eps_rescale_every={every!r} must be an integer >= 0")
+        if self.ln_out_epsilon is not None:
+            _positive("ln_out_epsilon", self.ln_out_epsilon)
         if not 0.0 < self.gated_forget_init < 1.0:
             raise ValueError(f"SpikeLMConfig.gated_forget_init={self.gated_forget_init!r} must lie in (0, 1)")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ValueError(f"SpikeLMConfig.{name}={value} is outside the vocabulary [0, {self.vocab_size})")
+
+    def block_layer_norm_epsilon(self, layer_id: int) -> float:
+        """Epsilon of block ``layer_id``'s LayerNorms (see ``layer_norm_eps_rescale_every``)."""
+        every = self.layer_norm_eps_rescale_every
+        return self.layer_norm_epsilon * 4 ** (layer_id // every) if every else self.layer_norm_epsilon
 
     @property
     def num_heads(self) -> int:

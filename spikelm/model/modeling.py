@@ -21,7 +21,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as module_hooks
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -29,16 +28,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from spikelm.model.cache import SpikeLMCache
 from spikelm.model.channel_mix import ChannelMix
 from spikelm.model.config import SpikeLMConfig
-from spikelm.model.neurons import (
-    AdaptiveNeuron,
-    GatedNeuron,
-    IdentityNeuron,
-    LIFNeuron,
-    SpikingLinear,
-    SpikingNeuron,
-    build_neuron,
-)
-from spikelm.model.time_mix import RWKV4TimeMix, RWKV6TimeMix, build_time_mix
+from spikelm.model.neurons import GatedNeuron, SpikingLinear, SpikingNeuron, Synapses, build_neuron
+from spikelm.model.time_mix import build_time_mix
 
 # Saved models point the Auto factories at thin modules that import the installed spikelm (see spikelm/remote/).
 REMOTE_DIR = Path(__file__).parents[1] / "remote"
@@ -61,9 +52,10 @@ class SpikeLMBlock(nn.Module):
 
     def __init__(self, config: SpikeLMConfig, layer_id: int) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        eps = config.block_layer_norm_epsilon(layer_id)
+        self.ln1 = nn.LayerNorm(config.hidden_size, eps=eps)
         self.time_mix = build_time_mix(config, layer_id)
-        self.ln2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.ln2 = nn.LayerNorm(config.hidden_size, eps=eps)
         self.channel_mix = ChannelMix(config, layer_id)
 
     def forward(self, x: Tensor, state: dict[str, Any] | None = None, mask: Tensor | None = None,
@@ -75,14 +67,6 @@ class SpikeLMBlock(nn.Module):
         mixed, channel_state = self.channel_mix(self.ln2(x), state.get("channel_mix"), mask, use_cache)
         x = x + mixed
         return x, ({"time_mix": time_state, "channel_mix": channel_state} if use_cache else None)
-
-    def step(self, x: Tensor, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-        """One decoding step on ``x [B, C]`` with submodules' ``forward`` called directly (see
-        ``SpikeLMModel._can_step``) -> ``(x [B, C], new_state)``."""
-        mixed, time_state = self.time_mix.step(self.ln1.forward(x), state["time_mix"])
-        x = x + mixed
-        mixed, channel_state = self.channel_mix.step(self.ln2.forward(x), state["channel_mix"])
-        return x + mixed, {"time_mix": time_state, "channel_mix": channel_state}
 
 
 class SpikeLMPreTrainedModel(PreTrainedModel):
@@ -137,7 +121,8 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         # RWKV's ln0: normalises the embeddings before the first block.
         self.ln_in = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.layers = nn.ModuleList(SpikeLMBlock(config, i) for i in range(config.num_hidden_layers))
-        self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        eps_out = config.layer_norm_epsilon if config.ln_out_epsilon is None else config.ln_out_epsilon
+        self.ln_out = nn.LayerNorm(config.hidden_size, eps=eps_out)
         self.gradient_checkpointing = False
         for name, module in self.named_modules():
             if isinstance(module, SpikingLinear):
@@ -209,12 +194,6 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         if use_cache and cache is None:
             cache = SpikeLMCache(len(self.layers))
 
-        if use_cache and self._can_step(inputs_embeds, mask, cache):
-            x, hidden_states = self._step(inputs_embeds, cache, output_hidden_states)
-            cache.seen_tokens += T
-            output = BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache, hidden_states=hidden_states)
-            return output if return_dict is not False else output.to_tuple()
-
         x = self.ln_in(inputs_embeds)
         hidden_states = (x,) if output_hidden_states else None
         for i, block in enumerate(self.layers):
@@ -233,44 +212,6 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         output = BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache if use_cache else None,
                                          hidden_states=hidden_states)
         return output if return_dict is not False else output.to_tuple()
-
-    def _can_step(self, inputs_embeds: Tensor, mask: Tensor | None, cache: SpikeLMCache) -> bool:
-        """Whether this call may take the one-token decoding step (``_step``).
-
-        That step is the same math as the blocks' ``forward`` at T = 1 but calls submodules' ``forward`` directly,
-        which skips ``nn.Module.__call__`` and most attribute lookups: on CPU these dominate a small model's
-        per-token time. Skipping ``__call__`` changes nothing only when no hook would run and every submodule is
-        the class this model built (a LoRA or quantised layer swapped in must be called as a module), so this walks
-        the submodules on every call (about 30 us for the tiny preset). Observed spike sites (a sparsity monitor),
-        CUDA, forced kernel backends and gradient checkpointing keep the module path.
-        """
-        if inputs_embeds.shape[1] != 1 or mask is not None or cache.layers[-1] is None or inputs_embeds.is_cuda:
-            return False
-        if self.config.kernel_backend != "auto" or (self.gradient_checkpointing and self.training):
-            return False
-        if _global_hooks():
-            return False
-        pending = list(self._modules.values())
-        while pending:
-            module = pending.pop()
-            if (type(module) not in _STEP_MODULE_TYPES or module._forward_hooks or module._forward_pre_hooks
-                    or module._backward_hooks or module._backward_pre_hooks
-                    or (isinstance(module, SpikingNeuron) and module.observers)):
-                return False
-            pending.extend(module._modules.values())
-        return True
-
-    def _step(self, inputs_embeds: Tensor, cache: SpikeLMCache,
-              output_hidden_states: bool | None) -> tuple[Tensor, tuple[Tensor, ...] | None]:
-        """One token ``[B, 1, C]`` through every block with the cache's states (see ``_can_step``)."""
-        x = self.ln_in.forward(inputs_embeds[:, 0])
-        hidden_states = [x] if output_hidden_states else None
-        for i, block in enumerate(self.layers):
-            x, cache.layers[i] = block.step(x, cache.layers[i])
-            if hidden_states is not None:
-                hidden_states.append(x)
-        x = self.ln_out.forward(x).unsqueeze(1)
-        return x, None if hidden_states is None else tuple(h.unsqueeze(1) for h in hidden_states)
 
     @staticmethod
     def _token_mask(attention_mask: Tensor | None, batch: int, length: int) -> Tensor | None:
@@ -356,20 +297,21 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
         return output if return_dict is not False else output.to_tuple()
 
     def set_event_decoding(self, enabled: bool = True) -> None:
-        """Event-driven synapses in one-token decoding steps (``SpikingLinear.project_step``).
+        """Event-driven synapses in one-token inference calls (``Synapses``).
 
         Each spiking projection then reads only the weight rows of inputs that spiked, from an input-major copy of
         its weight (built on first use, rebuilt when the weight changes; it doubles those weights' memory). Decoding
         steps whose weights stream from main memory get faster with the fraction of zero spikes; small models that
         fit in cache get slower (a gather costs more than a cached dense product). Training, full-sequence calls and
-        the dense twin's sites (``neuron: none``) are unaffected. ``enabled=False`` drops the copies.
+        the dense twin's sites (``neuron: none``) are unaffected. ``enabled=False`` drops the copies. Weight changes
+        are noticed by tensor version, which a write through ``weight.data`` does not bump (peft's ``merge`` /
+        ``merge_and_unload`` add the adapter that way): call this again after such a change to rebuild the copies.
         """
-        for module in self.modules():
-            if isinstance(module, SpikingLinear):
-                module.event_driven = enabled and module.neuron.kind != "none"
-                if not module.event_driven:
-                    module.__dict__.pop("_input_major", None)
-                    module.__dict__.pop("_input_major_key", None)
+        for site in self.modules():
+            if isinstance(site, SpikingLinear):
+                for synapses in site.linear.modules():  # the Synapses itself, or inside a wrapper (a LoRA layer)
+                    if isinstance(synapses, Synapses):
+                        synapses.set_event_driven(enabled and site.neuron.kind != "none")
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, next_sequence_length: int | None = None,
                                       past_key_values: SpikeLMCache | None = None, **kwargs: Any) -> dict[str, Any]:
@@ -378,19 +320,6 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
             next_sequence_length = max(input_ids.shape[1] - past_key_values.get_seq_length(), 1)
         return super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length,
                                                      past_key_values=past_key_values, **kwargs)
-
-
-# Submodule classes whose ``forward`` the decoding step may call directly (see ``SpikeLMModel._can_step``).
-_STEP_MODULE_TYPES = frozenset({
-    nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.Linear, nn.ModuleList, SpikeLMBlock, RWKV6TimeMix, RWKV4TimeMix,
-    ChannelMix, SpikingLinear, AdaptiveNeuron, LIFNeuron, GatedNeuron, IdentityNeuron,
-})
-
-
-def _global_hooks() -> bool:
-    """Whether any global module hook (``torch.nn.modules.module.register_module_forward_hook`` etc.) is set."""
-    return bool(module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
-                or module_hooks._global_backward_hooks or module_hooks._global_backward_pre_hooks)
 
 
 __all__ = ["SpikeLMBlock", "SpikeLMPreTrainedModel", "SpikeLMModel", "SpikeLMForCausalLM", "lm_cross_entropy"]

@@ -35,6 +35,12 @@ def kernel_backend(config: SpikeLMConfig) -> str | None:
     return None if config.kernel_backend == "auto" else config.kernel_backend
 
 
+def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)`` without the dispatcher round trip when ``x`` already has it (the usual case): a one-token
+    decoding step makes dozens of such calls, and each costs microseconds even though it returns ``x`` itself."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def mask_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
     """Zero ``x [B, T, C]`` where ``mask [B, T]`` is False (pads), so that no pad reaches a state or fires."""
     return x if mask is None else x * mask.unsqueeze(-1).to(x.dtype)
@@ -140,7 +146,7 @@ class AdaptiveNeuron(SpikingNeuron):
             y = counts * threshold if self.observers else counts.mul_(threshold)
         if self.observers:
             self._notify(counts, mask)
-        return y.to(x.dtype), None
+        return cast(y, x.dtype), None
 
     def fires_like(self, other: SpikingNeuron) -> bool:
         return isinstance(other, AdaptiveNeuron) and (other.k, other.max_spikes) == (self.k, self.max_spikes)
@@ -170,7 +176,7 @@ class LIFNeuron(SpikingNeuron):
                                     backend=self.backend)
         if self.observers:
             self._notify(spikes, mask)
-        return spikes.to(x.dtype), membrane
+        return cast(spikes, x.dtype), membrane
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, tau={self.tau}, v_th={self.threshold}, reset={self.reset!r}"
@@ -203,7 +209,7 @@ class GatedNeuron(SpikingNeuron):
                                        backend=self.backend)
         if self.observers:
             self._notify(counts, mask)
-        return (self.threshold * counts).to(x.dtype), new_state
+        return cast(self.threshold * counts, x.dtype), new_state
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, threshold={self.threshold}"
@@ -245,8 +251,49 @@ def build_neuron(config: SpikeLMConfig, fan_out: int, channels: int | None = Non
     raise ValueError(f"SpikeLMConfig.neuron={config.neuron!r} is not one of 'adaptive', 'lif', 'gated', 'none'")
 
 
+class Synapses(nn.Linear):
+    """The weights behind a spike site: an ``nn.Linear`` (so LoRA and quantisation libraries wrap it like any other)
+    that can be event-driven.
+
+    With ``event_driven`` (``SpikeLMForCausalLM.set_event_decoding``), one-token calls without autograd read only the
+    synapses of inputs that fired: ``out[n] = sum over fired i of spikes[n, i] * W[:, i]``, a weighted gather of rows
+    of an input-major copy of the weight (``F.embedding_bag``). A decoding step reads every weight once from memory,
+    so at sizes where the weights do not fit in cache the step time falls with the fraction of zero spikes. The copy
+    costs the weight's memory again; it is rebuilt whenever the weight changes (another version, storage or dtype).
+    A write through ``weight.data`` bumps no version (peft's ``merge`` adds the adapter that way): after one, call
+    ``set_event_driven`` (``SpikeLMForCausalLM.set_event_decoding``) again to refresh the copy.
+    Results equal the dense product up to float summation order. Training and multi-token calls stay dense.
+    """
+
+    event_driven = False
+    _input_major_key: tuple | None = None  # what the input-major weight copy was built from
+
+    def set_event_driven(self, enabled: bool) -> None:
+        """Switch event-driven calls on or off; either way the input-major copy is dropped (rebuilt on next use)."""
+        self.event_driven = enabled
+        self.__dict__.pop("_input_major", None)
+        self.__dict__.pop("_input_major_key", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, T, in]`` -> ``[B, T, out]``."""
+        if not self.event_driven or x.dim() != 3 or x.shape[1] != 1 or torch.is_grad_enabled():
+            return super().forward(x)
+        weight = self.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if self._input_major_key != key:
+            self._input_major = weight.detach().t().contiguous()  # [in, out]: one row per input synapse bundle
+            self._input_major_key = key
+        spikes = x.reshape(-1, x.shape[-1])
+        rows, columns = spikes.nonzero(as_tuple=True)  # row-major order: each row's events are contiguous
+        per_row = torch.bincount(rows, minlength=spikes.shape[0])
+        out = F.embedding_bag(columns, self._input_major, torch.cumsum(per_row, 0) - per_row, mode="sum",
+                              per_sample_weights=spikes[rows, columns].to(weight.dtype))
+        out = out if self.bias is None else out + self.bias
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
 class SpikingLinear(nn.Module):
-    """A spike site followed by its synapses: ``linear(neuron(x))``, bias-free.
+    """A spike site followed by its synapses: ``linear(neuron(x))``, bias-free (``linear`` is a ``Synapses``).
 
     ``init_std`` (read by the model's weight init) scales the normal init of ``linear.weight``; output projections
     into the residual stream use a smaller one so a deep stack starts near the identity.
@@ -255,40 +302,13 @@ class SpikingLinear(nn.Module):
     def __init__(self, config: SpikeLMConfig, in_features: int, out_features: int, init_std: float | None = None):
         super().__init__()
         self.neuron = build_neuron(config, out_features, in_features)
-        self.linear = nn.Linear(in_features, out_features, bias=False)
+        self.linear = Synapses(in_features, out_features, bias=False)
         self.linear.init_std = config.initializer_range if init_std is None else init_std
-
-    # Event-driven projection of one decoding step (see project_step); set by SpikeLMForCausalLM.set_event_decoding.
-    event_driven = False
-    _input_major_key: tuple | None = None  # what the input-major weight copy was built from
 
     def forward(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> tuple[Tensor, Any]:
         """``x [B, T, in]`` -> ``(linear(spikes) [B, T, out], neuron state)``."""
         spikes, state = self.neuron(x, state, mask)
         return self.linear(spikes), state
-
-    def project_step(self, spikes: Tensor) -> Tensor:
-        """The synapses of one decoding step: ``spikes [N, in]`` (the neuron's output) -> ``[N, out]``.
-
-        Dense by default (``linear.forward``, as the decoding step calls it). With ``event_driven`` and no autograd,
-        only the synapses of inputs that fired are read: ``out[n] = sum over fired i of spikes[n, i] * W[:, i]``, a
-        weighted gather of rows of an input-major copy of the weight (``F.embedding_bag``). A decoding step reads every
-        weight once from memory, so at sizes where the weights do not fit in cache the step time falls with the
-        fraction of zero spikes. The copy costs the weight's memory again; it is rebuilt whenever the weight changes
-        (another version, storage or dtype). Results equal the dense product up to float summation order.
-        """
-        if not self.event_driven or torch.is_grad_enabled():
-            return self.linear.forward(spikes)
-        weight = self.linear.weight
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        if self._input_major_key != key:
-            self._input_major = weight.detach().t().contiguous()  # [in, out]: one row per input synapse bundle
-            self._input_major_key = key
-        rows, columns = spikes.nonzero(as_tuple=True)  # row-major order: each row's events are contiguous
-        per_row = torch.bincount(rows, minlength=spikes.shape[0])
-        out = F.embedding_bag(columns, self._input_major, torch.cumsum(per_row, 0) - per_row, mode="sum",
-                              per_sample_weights=spikes[rows, columns].to(weight.dtype))
-        return out if self.linear.bias is None else out + self.linear.bias
 
 
 def time_steps(encoding: str, max_count: int) -> int:
@@ -328,5 +348,5 @@ def expand_counts(counts: Tensor, encoding: str, max_count: int) -> Tensor:
     return events * torch.sign(counts).unsqueeze(0) if encoding == "ternary" else events
 
 
-__all__ = ["SpikingNeuron", "AdaptiveNeuron", "LIFNeuron", "GatedNeuron", "IdentityNeuron", "SpikingLinear",
-           "build_neuron", "expand_counts", "time_steps", "mask_tokens", "kernel_backend", "ENCODINGS"]
+__all__ = ["SpikingNeuron", "AdaptiveNeuron", "LIFNeuron", "GatedNeuron", "IdentityNeuron", "SpikingLinear", "Synapses",
+           "build_neuron", "expand_counts", "time_steps", "mask_tokens", "kernel_backend", "cast", "ENCODINGS"]

@@ -22,14 +22,14 @@ from transformers import initialization as init
 
 from spikelm.kernels import rwkv4_scan, rwkv6_scan
 from spikelm.model.config import SpikeLMConfig
-from spikelm.model.neurons import SpikingLinear, kernel_backend, mask_tokens
+from spikelm.model.neurons import SpikingLinear, SpikingNeuron, cast, kernel_backend, mask_tokens
 
 State = dict[str, Any]
 
 
 def token_shift(x: Tensor, previous: Tensor | None) -> Tensor:
     """``x_{t-1}`` for every t: ``[B, T, C]``, with ``previous [B, C]`` (the cache) or zeros before the first."""
-    first = x.new_zeros(x.shape[0], 1, x.shape[2]) if previous is None else previous.unsqueeze(1).to(x.dtype)
+    first = x.new_zeros(x.shape[0], 1, x.shape[2]) if previous is None else cast(previous.unsqueeze(1), x.dtype)
     return first if x.shape[1] == 1 else torch.cat([first, x[:, :-1]], dim=1)
 
 
@@ -55,20 +55,17 @@ class _SpikingMix(nn.Module):
     backend: str | None = None
 
     def _decoding_step_on_cpu(self, x: Tensor) -> bool:
-        # One token on CPU with the automatic backend (a generation step): the recurrence is the whole computation,
-        # and a handful of torch ops beat the chunked torch path (which pads the token to a full chunk) 5-10x. On
-        # CUDA the kernel dispatcher already picks its fused-recurrent Triton kernel for short inputs.
+        # The one-token path of the recurrence. One token on CPU with the automatic backend (a generation step): the
+        # recurrence is the whole computation, and a handful of torch ops beat the chunked torch path (which pads the
+        # token to a full chunk) 5-10x. On CUDA the kernel dispatcher already picks its fused-recurrent Triton kernel
+        # for short inputs.
         return self.backend is None and x.shape[1] == 1 and not x.is_cuda
 
     def _mixed_inputs(self, x: Tensor, previous: Tensor | None) -> Tensor:
-        """Each row of ``shift_mix`` blends x_t with x_{t-1}: ``[S, *x.shape]``.
-
-        ``x`` is a sequence ``[B, T, C]`` (x_{t-1} by ``token_shift``, ``previous [B, C]`` before the first token) or
-        one decoding step ``[B, C]`` (x_{t-1} is ``previous``).
-        """
-        shifted = previous.to(x.dtype) if x.dim() == 2 else token_shift(x, previous)
-        mix = self.shift_mix.to(x.dtype)
-        return torch.addcmul(x, shifted - x, mix.view(mix.shape[0], *[1] * (x.dim() - 1), mix.shape[1]))
+        """Each row of ``shift_mix`` blends x_t with x_{t-1} (``token_shift``, ``previous [B, C]`` before the first
+        token): ``[S, B, T, C]``."""
+        mix = cast(self.shift_mix, x.dtype)
+        return torch.addcmul(x, token_shift(x, previous) - x, mix.view(mix.shape[0], 1, 1, mix.shape[1]))
 
     def _scan_backend(self, x: Tensor) -> str | None:
         return "naive" if self._decoding_step_on_cpu(x) else self.backend
@@ -81,13 +78,14 @@ class _SpikingMix(nn.Module):
         stack replaces S calls (identical results: the rule is per token); decoding is dominated by such small ops.
         """
         sites = [getattr(self, name) for name in names]
-        if _fire_together(sites):
+        neurons = [site.neuron for site in sites]  # once: each submodule lookup is a slow nn.Module.__getattr__
+        if _fire_together(neurons):
             S, B, T, C = stacked.shape
             stacked_mask = None if mask is None else mask.repeat(S, 1)
-            spikes, _ = sites[0].neuron(stacked.reshape(S * B, T, C), None, stacked_mask)
-            spikes = spikes.view(S, B, T, C)  # (S, B, T, C)
-            return [site.linear(spikes[i]) for i, site in enumerate(sites)]
-        return [self._site(name, stacked[i], state, new_state, mask) for i, name in enumerate(names)]
+            spikes, _ = neurons[0](stacked.reshape(S * B, T, C), None, stacked_mask)
+            # unbind: S views in one op (S indexing ops cost S dispatches, a visible share of a decoding step)
+            return [site.linear(s) for site, s in zip(sites, spikes.view(S, B, T, C).unbind(0), strict=True)]
+        return [self._site(name, x, state, new_state, mask) for name, x in zip(names, stacked.unbind(0), strict=True)]
 
     def _site(self, name: str, x: Tensor, state: State | None, new_state: State, mask: Tensor | None) -> Tensor:
         out, neuron_state = getattr(self, name)(x, None if state is None else state.get(name), mask)
@@ -95,32 +93,12 @@ class _SpikingMix(nn.Module):
             new_state[name] = neuron_state
         return out
 
-    # The one-token decoding step (``step`` of each mix): the math of ``forward`` at T = 1 on ``[B, C]`` tensors,
-    # calling submodules' ``forward`` directly. Module calls and attribute lookups are most of a small model's
-    # decoding time on CPU; SpikeLMModel takes this path only when no submodule has hooks or was replaced (e.g. by
-    # a LoRA layer), where calling ``forward`` directly is exactly what ``__call__`` would do.
 
-    def _sites_step(self, names: tuple[str, ...], stacked: Tensor, state: State, new_state: State) -> list[Tensor]:
-        """``_sites`` for one token: stacked inputs ``[S, B, C]`` -> S outputs ``[B, out]``."""
-        sites = [getattr(self, name) for name in names]
-        if _fire_together(sites):
-            spikes, _ = sites[0].neuron.forward(stacked)  # a stateless per-token rule: any leading shape
-            return [site.project_step(spikes[i]) for i, site in enumerate(sites)]
-        return [self._site_step(name, stacked[i], state, new_state) for i, name in enumerate(names)]
-
-    def _site_step(self, name: str, x: Tensor, state: State, new_state: State) -> Tensor:
-        """``_site`` for one token ``x [B, C]``: the neuron sees ``[B, 1, C]`` (its scan, its observers)."""
-        site = getattr(self, name)
-        spikes, neuron_state = site.neuron.forward(x.unsqueeze(1), state.get(name))
-        if neuron_state is not None:
-            new_state[name] = neuron_state
-        return site.project_step(spikes.squeeze(1))
-
-
-def _fire_together(sites: list[nn.Module]) -> bool:
-    """Whether one neuron call on the sites' stacked inputs gives exactly what each site's own call gives."""
-    first = sites[0].neuron
-    return all(first.fires_like(site.neuron) and not site.neuron.observers for site in sites)
+def _fire_together(neurons: list[SpikingNeuron]) -> bool:
+    """Whether one call of the first neuron on the sites' stacked inputs gives exactly what each site's own call
+    gives."""
+    first = neurons[0]
+    return all(first.fires_like(neuron) and not neuron.observers for neuron in neurons)
 
 
 class RWKV6TimeMix(_SpikingMix):
@@ -204,26 +182,13 @@ class RWKV6TimeMix(_SpikingMix):
                 r.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, K), log_decay.view(B, T, H, K),
                 self.bonus.float(), previous, output_final_state=use_cache, backend=self._scan_backend(x),
             )  # (B, T, H, K)
-        out = self.group_norm(wkv.reshape(B * T, C).to(x.dtype)).view(B, T, C) * F.silu(g)
+        out = self.group_norm(cast(wkv.reshape(B * T, C), x.dtype)).view(B, T, C) * F.silu(g)
         out = self._site("output", out, state, new_state, mask)
         if not use_cache:
             return out, None
         new_state["shift"] = x[:, -1]
         new_state["wkv"] = wkv_state
         return out, new_state
-
-    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        """One decoding step (see ``_SpikingMix``): ``x [B, C]`` and its state -> ``(out [B, C], new_state)``."""
-        B, C = x.shape
-        H, K = self.num_heads, self.head_size
-        new_state: State = {"shift": x}
-        mixed = self._mixed_inputs(x, state["shift"])  # (5, B, C)
-        r, k, v, g, decay_in = self._sites_step(self.MIXES, mixed, state, new_state)
-        log_decay = self._log_decay(self.decay_up.forward(torch.tanh(decay_in)))
-        wkv, new_state["wkv"] = wkv6_step(r.view(B, H, K), k.view(B, H, K), v.view(B, H, K),
-                                          log_decay.view(B, H, K), self.bonus.float(), state["wkv"])
-        out = self.group_norm.forward(wkv.view(B, C).to(x.dtype)) * F.silu(g)
-        return self._site_step("output", out, state, new_state), new_state
 
 
 class RWKV4TimeMix(_SpikingMix):
@@ -279,23 +244,12 @@ class RWKV4TimeMix(_SpikingMix):
             k = k.masked_fill(~mask.unsqueeze(-1), self.PAD_KEY)
         wkv, wkv_state = rwkv4_scan(-torch.exp(self.time_decay.float()), self.time_first.float(), k, v,
                                     None if state is None else state.get("wkv"), backend=self._scan_backend(x))
-        out = self._site("output", r * wkv.to(r.dtype), state, new_state, mask)
+        out = self._site("output", r * cast(wkv, r.dtype), state, new_state, mask)
         if not use_cache:
             return out, None
         new_state["shift"] = x[:, -1]
         new_state["wkv"] = wkv_state
         return out, new_state
-
-    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        """One decoding step (see ``_SpikingMix``): ``x [B, C]`` and its state -> ``(out [B, C], new_state)``."""
-        new_state: State = {"shift": x}
-        mixed = self._mixed_inputs(x, state["shift"])  # (3, B, C)
-        k, v, r = self._sites_step(self.MIXES, mixed, state, new_state)
-        wkv, new_state["wkv"] = rwkv4_scan(-torch.exp(self.time_decay.float()), self.time_first.float(),
-                                           k.float().unsqueeze(1), v.float().unsqueeze(1), state["wkv"],
-                                           backend="naive")  # one token: the loop is a single step
-        r = torch.sigmoid(r)
-        return self._site_step("output", r * wkv.squeeze(1).to(r.dtype), state, new_state), new_state
 
 
 def build_time_mix(config: SpikeLMConfig, layer_id: int) -> RWKV6TimeMix | RWKV4TimeMix:

@@ -9,7 +9,9 @@ import contextlib
 import os
 import shutil
 import socket
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -109,11 +111,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# No extension build (DeepSpeed's ~40 s CPU op) holds its lock this long; an older lock was left by a killed build.
+STALE_BUILD_LOCK_SECONDS = 600
+
+
+def clear_stale_build_locks(extensions_dir: Path, max_age: float = STALE_BUILD_LOCK_SECONDS) -> list[Path]:
+    """Remove the ``lock`` files of interrupted extension builds under ``extensions_dir``; returns them.
+
+    torch's JIT build takes ``<extension>/lock`` for its duration and waits for it forever otherwise, so one build
+    killed midway (Ctrl-C, kill -9 while DeepSpeed compiles its op) would hang every later run without a word.
+    """
+    now = time.time()
+    removed = []
+    for lock in [*extensions_dir.glob("*/lock"), *extensions_dir.glob("*/*/lock")]:
+        with contextlib.suppress(FileNotFoundError):
+            if now - lock.stat().st_mtime > max_age:
+                lock.unlink()
+                removed.append(lock)
+    return removed
+
+
 def prepare_environment(master_port: int | None = None) -> None:
     """Single-process rendezvous defaults, CPU accelerator and extension cache; must run before importing deepspeed."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "spikelm" / "torch_extensions"))
+    for lock in clear_stale_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"])):
+        print(f"spikelm: removed {lock}, left by an interrupted extension build (it would block this run)",
+              file=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
@@ -122,4 +147,4 @@ def prepare_environment(master_port: int | None = None) -> None:
 
 
 __all__ = ["dist_world", "rank_zero_first", "file_lock", "build_once", "free_port", "prepare_environment",
-           "read_hostfile", "LOCAL_HOSTS"]
+           "read_hostfile", "LOCAL_HOSTS", "clear_stale_build_locks"]
