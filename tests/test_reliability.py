@@ -290,6 +290,16 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(tmp_path
     assert "no space left" in err and "step-00000002" in err and "Traceback" not in err
     assert find_latest_checkpoint(out).name == "step-00000002"
     assert not list((out / "checkpoints").glob(".tmp-*"))
+    # torch's zip writer reports a failed write as a RuntimeError: the same one-line error, the same cleanup.
+    def failed_write(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", failed_write)
+    assert train_cli(recipe, out, cache) == 2
+    err = capsys.readouterr().err
+    assert "could not write checkpoint" in err and "PytorchStreamWriter" in err and "Traceback" not in err
+    assert find_latest_checkpoint(out).name == "step-00000002"
+    assert not list((out / "checkpoints").glob(".tmp-*"))
     monkeypatch.undo()
     assert train_cli(recipe, out, cache) == 0
     assert _steps(out) == list(range(1, 7))

@@ -145,10 +145,14 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, trainer_state: dict[s
             torch.save(trainer_state, tmp / "trainer_state.pt")
     except OSError as err:  # a full disk, a quota, an I/O error: every rank must learn of it, or the others hang
         failure = err
-    except RuntimeError as err:  # torch.save reports a failed write as "PytorchStreamWriter failed writing file"
-        if "write" not in str(err):
+    except RuntimeError as err:  # torch.save's zip writer reports a failed write as a RuntimeError
+        message = str(err)
+        if shutil.disk_usage(tmp).free < 2**20:  # e.g. "[enforce fail at inline_container.cc] unexpected pos"
+            failure = OSError(errno.ENOSPC, "No space left on device")
+        elif "PytorchStreamWriter" in message or "inline_container" in message:
+            failure = OSError(errno.EIO, message.splitlines()[0] if message else "write failed")
+        else:
             raise
-        failure = OSError(errno.EIO, str(err).splitlines()[0])
     failed = _any_rank(failure is not None)
     if rank == 0 and not failed:
         try:
