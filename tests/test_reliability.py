@@ -469,6 +469,8 @@ def test_a_signal_to_the_launcher_stops_every_rank_and_the_run_resumes_exactly(t
         _wait_for_step(out, proc)
         ranks = _descendants(proc.pid)
         assert len(ranks) >= 3  # torchrun and its two ranks
+        holder = int((out / LOCK).read_text().split()[1])
+        assert holder in ranks  # rank 0 holds the run directory, so the lock outlives a killed launcher
         os.kill(proc.pid, signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
         deadline = time.time() + 30
         while time.time() < deadline and any(_alive(p) for p in ranks):

@@ -4,10 +4,10 @@ One process on CPU or one GPU needs no launcher (the rendezvous variables get si
 ``--nproc-per-node N`` re-launches this command under ``torchrun`` (gloo on CPU, NCCL on GPU) and ``--hostfile FILE``
 under the ``deepspeed`` launcher; each rank then runs ``spikelm.train.loop.train``.
 
-The process started by the user owns the run: it holds the run directory's lock (``spikelm.train.rundir``) for the
-run's life. A launcher forwards SIGINT/SIGTERM/SIGHUP to the launched job (whose ranks checkpoint and stop) and waits
-for it; if the launcher dies anyway (SIGKILL), the kernel signals the job (``PR_SET_PDEATHSIG``), so no rank outlives
-it and races the next run.
+Rank 0 owns the run: it holds the run directory's lock (``spikelm.train.rundir``) for the run's life, so the lock
+outlives a killed launcher for as long as the ranks still write. A launcher forwards SIGINT/SIGTERM/SIGHUP to the
+launched job (whose ranks checkpoint and stop) and waits for it; if the launcher dies anyway (SIGKILL), the kernel
+signals the job (``PR_SET_PDEATHSIG``), so no rank outlives it and races the next run.
 """
 
 from __future__ import annotations
@@ -199,23 +199,26 @@ def run(args: argparse.Namespace) -> int:
         os.environ[TRUST_ENV] = "1"  # the launched ranks inherit it
     if args.no_resume and args.resume is not None:
         raise SpikeLMError("--no-resume and --resume contradict each other; pass one of them")
-    if os.environ.get("SPIKELM_LAUNCHED"):
-        # A rank of a job we launched: the launcher owns the run directory and its lock, and must not be outlived.
-        die_with_parent()
-        return _train(args, recipe)
-    if os.environ.get("RANK", "0") != "0":
-        return _train(args, recipe)  # a rank of a job launched by the user's own torchrun: rank 0 owns the lock
-    _check_writable(args.out)
-    check_layout(args.out)
-    with run_lock(args.out):
+    launched = bool(os.environ.get("SPIKELM_LAUNCHED"))
+    if launched:
+        die_with_parent()  # a rank of a job we launched must not outlive its launcher
+    else:  # the user's command (or a rank of the user's own torchrun): check the run directory before any work
+        _check_writable(args.out)
+        check_layout(args.out)
         _resolve_resume(args)
+        if args.nproc_per_node > 1 or args.hostfile is not None:
+            with run_lock(args.out):
+                pass  # fail fast when another run holds the directory; rank 0 holds the lock for the run's life
+            return _launch(args)
+    if os.environ.get("RANK", "0") != "0":
+        return _train(args, recipe)
+    # Rank 0 owns the run directory: it holds the lock until it exits, even if its launcher is killed first.
+    with run_lock(args.out):
         if args.no_resume:
             archive = archive_previous_run(args.out)
             if archive is not None:
                 print(f"spikelm train: --no-resume: moved the previous run's checkpoints, metrics and export to "
                       f"{archive}", flush=True)
-        if args.nproc_per_node > 1 or args.hostfile is not None:
-            return _launch(args)
         return _train(args, recipe)
 
 
