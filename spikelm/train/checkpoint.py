@@ -97,10 +97,13 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any rank (so all ranks leave a collective section together)."""
+def _any_rank(flag: bool, device: Any) -> bool:
+    """True on every rank when ``flag`` is true on any rank (so all ranks leave a collective section together).
+
+    The tensor lives on the engine's device: NCCL has no CPU tensors.
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        value = torch.tensor([1.0 if flag else 0.0])
+        value = torch.tensor([1.0 if flag else 0.0], device=device)
         torch.distributed.all_reduce(value)
         return bool(value.item() > 0)
     return flag
@@ -131,6 +134,7 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, trainer_state: dict[s
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}"
     previous = find_latest_checkpoint(run_dir)
+    device = getattr(engine, "device", "cpu")
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -153,7 +157,7 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, trainer_state: dict[s
             failure = OSError(errno.EIO, message.splitlines()[0] if message else "write failed")
         else:
             raise
-    failed = _any_rank(failure is not None)
+    failed = _any_rank(failure is not None, device)
     if rank == 0 and not failed:
         try:
             _fsync_tree(tmp)
@@ -166,7 +170,7 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, trainer_state: dict[s
             atomic_write_text(root / LATEST, final.name + "\n")
         except OSError as err:
             failure = err
-    failed = _any_rank(failure is not None)
+    failed = _any_rank(failure is not None, device)
     if failed:
         if rank == 0:  # `latest` is replaced last and atomically: it still names a complete checkpoint
             shutil.rmtree(tmp, ignore_errors=True)
