@@ -66,6 +66,12 @@ def test_no_resume_archives_the_previous_run_and_keeps_the_new_checkpoints(tmp_p
     assert _steps(out) == list(range(1, 9))
 
 
+def test_no_resume_with_resume_is_refused(tmp_path, corpus, cache, capsys):
+    recipe = write_tiny_recipe(tmp_path, corpus)
+    assert train_cli(recipe, tmp_path / "run", cache, "--no-resume", "--resume", str(tmp_path)) == 2
+    assert "contradict" in capsys.readouterr().err
+
+
 def test_prune_never_deletes_the_checkpoint_just_written(tmp_path):
     from spikelm.train.checkpoint import COMPLETE, _prune
 
@@ -399,6 +405,17 @@ def test_eval_block_size_must_be_positive(export_dir, corpus, capsys, value):
 
     assert main(["eval", str(export_dir), "--text", str(corpus), "--block-size", value]) == 2
     assert f"--block-size {value}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["eval", "sparsity"])
+def test_a_non_utf8_text_file_is_named_by_eval_and_sparsity(export_dir, tmp_path, capsys, command):
+    from spikelm.commands.main import main
+
+    text = tmp_path / "latin1.txt"
+    text.write_bytes(b"Hello world. " * 10 + "Caf\u00e9".encode("latin-1"))
+    assert main([command, str(export_dir), "--text", str(text)]) == 2
+    err = capsys.readouterr().err
+    assert str(text) in err and "offset 133" in err
 
 
 def test_eval_reports_the_tokens_it_scored(export_dir, corpus, tmp_path, capsys):
