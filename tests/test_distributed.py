@@ -90,7 +90,7 @@ def test_hostfile_goes_through_the_deepspeed_launcher(tmp_path, corpus, monkeypa
 
     calls = []
     monkeypatch.setattr(train_command, "_run_forwarding_signals",
-                        lambda cmd, env: calls.append((cmd, env)) or (0, None))
+                        lambda cmd, env, to_ranks: calls.append((cmd, env)) or (0, None))
     monkeypatch.delenv("SPIKELM_LAUNCHED", raising=False)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node1 slots=8\nnode2 slots=8\n")

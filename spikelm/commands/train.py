@@ -17,8 +17,11 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +139,12 @@ def _launch(args: argparse.Namespace) -> int:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc_per_node),
                "--master_port", port, "-m", "spikelm", *child]
+    if args.hostfile is not None:
+        # DeepSpeed's launcher neither forwards a signal once nor dies with us: the ranks on this host watch our PID
+        # themselves, and a signal to us goes to them directly (see _run_forwarding_signals).
+        env.update(SPIKELM_LAUNCHER_PID=str(os.getpid()), SPIKELM_LAUNCHER_HOST=socket.gethostname())
     print("spikelm train: launching " + " ".join(cmd), flush=True)
-    rc, received = _run_forwarding_signals(cmd, env)
+    rc, received = _run_forwarding_signals(cmd, env, to_ranks=args.hostfile is not None)
     if received is None:
         return rc
     latest = find_latest_checkpoint(args.out)
@@ -146,19 +153,23 @@ def _launch(args: argparse.Namespace) -> int:
     return 130
 
 
-def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> tuple[int, int | None]:
+def _run_forwarding_signals(cmd: list[str], env: dict[str, str], *,
+                            to_ranks: bool = False) -> tuple[int, int | None]:
     """Run ``cmd``, forwarding SIGINT/SIGTERM/SIGHUP to it; returns its exit code and the first signal forwarded.
 
-    The child gets its own session, so a Ctrl-C in the terminal reaches it once, through us (torchrun passes it on to
-    each rank, which checkpoints at the next step boundary and exits), not twice.
+    The child gets its own session, so a Ctrl-C in the terminal reaches the job once, through us, not twice. torchrun
+    passes a signal on to each rank, which checkpoints at the next step boundary and exits. DeepSpeed's local launcher
+    would send a second SIGTERM (a rank gives up its checkpoint on the second signal) and its runner dies on the
+    first: with ``to_ranks`` the signal goes to this host's ranks directly instead.
     """
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
     received: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:
         received.append(signum)
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signum)
+        for pid in _rank_pids(proc.pid) if to_ranks else [proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -169,6 +180,54 @@ def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> tuple[int, i
         if proc.poll() is None:  # we are leaving on an exception: take the job down with us
             proc.kill()
     return rc, (received[0] if received else None)
+
+
+def _rank_pids(root: int) -> list[int]:
+    """PIDs below ``root`` that run ``python -m spikelm`` (the ranks, not the launchers between us and them)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry.name))
+    ranks, todo = [], [root]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            todo.append(pid)
+            with contextlib.suppress(OSError):
+                argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+                if any(a == b"-m" and b == b"spikelm" for a, b in zip(argv, argv[1:], strict=False)):
+                    ranks.append(pid)
+    return ranks
+
+
+def watch_launcher() -> None:
+    """In a rank launched through DeepSpeed's launcher on the launcher's host: SIGTERM ourselves once when the
+    ``spikelm train`` that launched us is gone (PR_SET_PDEATHSIG only sees the direct parent, DeepSpeed's launcher,
+    which outlives a killed ``spikelm train``). The rank then checkpoints and stops as on any SIGTERM."""
+    pid = int(os.environ.get("SPIKELM_LAUNCHER_PID", "0"))
+    if not pid or os.environ.get("SPIKELM_LAUNCHER_HOST") != socket.gethostname():
+        return
+
+    def state() -> tuple[str, str] | None:
+        """(state letter, start time) of the launcher, or None once it is gone."""
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return fields[0], fields[19]
+
+    def watch() -> None:
+        first = state()
+        while True:
+            now = state()
+            # Gone, a zombie its parent has not reaped yet, or its PID reused by another process (new start time).
+            if now is None or first is None or now[0] in "ZX" or now[1] != first[1]:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, name="spikelm-launcher-watch", daemon=True).start()
 
 
 def _resolve_resume(args: argparse.Namespace) -> None:
@@ -202,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
     launched = bool(os.environ.get("SPIKELM_LAUNCHED"))
     if launched:
         die_with_parent()  # a rank of a job we launched must not outlive its launcher
+        watch_launcher()
     else:  # the user's command (or a rank of the user's own torchrun): check the run directory before any work
         _check_writable(args.out)
         check_layout(args.out)
