@@ -569,3 +569,19 @@ def test_deepspeed_launcher_ranks_stop_with_one_signal_and_never_outlive_the_lau
     assert stopped is not None, _log(out)  # one signal per rank: each checkpointed instead of giving up
     at = int(stopped.name.split("-")[1])
     assert at < 100_000 and max(_steps(out)) == at
+
+
+def test_torchrun_gives_the_ranks_time_to_checkpoint(tmp_path, corpus, cache, monkeypatch):
+    import spikelm.commands.train as train_command
+
+    calls = []
+    monkeypatch.setattr(train_command, "_run_forwarding_signals",
+                        lambda cmd, env, to_ranks: calls.append((cmd, env, to_ranks)) or (0, None))
+    monkeypatch.delenv("SPIKELM_LAUNCHED", raising=False)
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    monkeypatch.setenv("RANK", "0")
+    recipe = write_tiny_recipe(tmp_path, corpus)
+    assert train_cli(recipe, tmp_path / "run", cache, "--nproc-per-node", "2") == 0
+    ((cmd, env, to_ranks),) = calls
+    assert "torch.distributed.run" in cmd and not to_ranks
+    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "300"  # torchrun's own 30 s could cut a big checkpoint short

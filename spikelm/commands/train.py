@@ -121,6 +121,9 @@ def _launch(args: argparse.Namespace) -> int:
     port = str(args.master_port or free_port())
     child = _child_argv(args)
     env = {**os.environ, "SPIKELM_LAUNCHED": "1"}
+    # torchrun SIGKILLs ranks 30 s after passing on a signal; a big model's ranks may need longer to reach the next
+    # logging step and write their checkpoint.
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
     if args.hostfile is not None:
