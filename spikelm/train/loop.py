@@ -327,6 +327,11 @@ def setup(recipe: Recipe, run_dir: Path, *, resume: Path | None, no_resume: bool
               step=step, tokens_seen=tokens_seen, saved_step=step if checkpoint is not None else -1)
     if checkpoint is not None:
         run.say(f"resumed from {checkpoint} at step {step}")
+        changes = _recipe_changes(trainer_state.get("recipe", {}), recipe.to_dict())
+        if changes:  # allowed (e.g. a lower lr after a divergence), but never silent: logged in metrics.jsonl
+            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+            run.say(f"spikelm train: the recipe differs from the checkpoint's: {listed} (recorded in metrics.jsonl)")
+            run.metrics.write({"kind": "recipe_change", "step": step, "changes": changes, "time": time.time()})
     if run.is_main:
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     _describe(run, train_blocks, heldout_blocks)
@@ -343,6 +348,10 @@ def _describe(run: Run, train_blocks: Any, heldout_blocks: Any) -> None:
     run.say(f"global batch = {recipe.train.micro_batch_size} micro x {recipe.train.grad_accum} accum x "
             f"{run.world_size} ranks = {sequences} sequences = {run.tokens_per_step} tokens/step; {run.total_steps} "
             f"steps = {run.total_steps * run.tokens_per_step / 1e6:.2f}M tokens")
+    asked = recipe.tokenizer.vocab_size
+    if recipe.tokenizer.path is None and run.config.vocab_size < asked:
+        run.say(f"note: the tokenizer has {run.config.vocab_size} tokens, fewer than tokenizer.vocab_size={asked}: "
+                "the tokenizer's training text ran out of merges (more text: tokenizer.sample_chars or more data)")
     n_train = f"{len(train_blocks)} blocks" if hasattr(train_blocks, "__len__") else "streaming"
     run.say(f"train data: {n_train}; held-out: {len(heldout_blocks)} blocks; run directory: {run.run_dir}")
     entropy = unigram_entropy(train_blocks, run.config.vocab_size) if run.is_main else None
@@ -395,10 +404,12 @@ def flush(run: Run, *, grad_norm: Any = None, stop: bool = False, throughput: Th
     run.pending = []
     for row, loss in zip(rows, losses, strict=True):
         if not math.isfinite(loss):
+            kept = (f"the last good checkpoint (step {run.saved_step}) is kept" if run.saved_step >= 0 else
+                    "no checkpoint was written yet")
             raise TrainingDiverged(
                 f"the loss became {loss} at step {row['step']} (lr {row['lr']:.3g}); the run stopped at step "
-                f"{run.step} without saving anything after it. The last good checkpoint is kept; lower optim.lr or "
-                "raise optim.warmup_steps and resume")
+                f"{run.step} without saving anything after it; {kept}. Lower optim.lr or raise optim.warmup_steps "
+                "and run again")
         row["loss"] = run.last_loss = loss
     if throughput is not None and rows:  # a logging step: its row also gets throughput and gradient norm
         # Timed after the read-back, which waited for the device: the window holds the steps' whole work.
@@ -428,7 +439,8 @@ def evaluate(run: Run, *, write: Any = print) -> dict[str, Any]:
                                 recipe.seed, run.device)
     engine.train()
     bpb = f"{result.bits_per_byte:.3f}" if result.bits_per_byte is not None else "n/a"
-    message = f"eval step {run.step}: loss {result.loss:.4f}  ppl {result.perplexity:.2f}  bits/byte {bpb}"
+    message = (f"eval step {run.step}: loss {result.loss:.4f}  ppl {result.perplexity:.2f}  bits/byte {bpb}  "
+               f"({result.tokens} held-out tokens)")
     if "zero_fraction" in row:
         message += f"  zero fraction {row['zero_fraction']:.3f}"
     if "sample" in row:
@@ -464,15 +476,42 @@ def finish(run: Run, stopped_by: str | None, *, write: Any = print) -> int:
                 "command again to resume.")
         run.metrics.close()
         return 130 if stopped_by == "signal" else 0
-    final_eval = evaluate(run, write=write)
+    logged = _logged_eval(run) if run.saved_step == run.step else None
+    if logged is not None:  # a rerun of a finished run: its final evaluation is in metrics.jsonl already
+        run.say(f"spikelm train: the run finished at step {run.step} already; nothing to train")
+    final_eval = logged or evaluate(run, write=write)
     if run.saved_step != run.step:
         save(run)
-    if run.recipe.export.enabled:
+    if run.recipe.export.enabled and not (logged is not None and (run.run_dir / "export").is_dir()):
         export_dir = export(run.engine, run.tokenizer, run.run_dir, rank=run.rank)
         run.say(f"exported the model and tokenizer to {export_dir}")
     run.metrics.close()
     run.say(f"done: {run.step} steps, {run.tokens_seen / 1e6:.2f}M tokens, held-out loss {final_eval['loss']:.4f}")
     return 0
+
+
+def _logged_eval(run: Run) -> dict[str, Any] | None:
+    """The eval row of the current step in ``metrics.jsonl`` (rank 0 reads it; every rank learns whether it exists)."""
+    row = None
+    if run.is_main and run.metrics.path.is_file():
+        rows = [json.loads(line) for line in run.metrics.path.read_text().splitlines() if line.strip()]
+        row = next((r for r in reversed(rows) if r.get("kind") == "eval" and r.get("step") == run.step), None)
+    found = torch.tensor(float(row is not None), device=run.device)  # on the run's device: NCCL has no CPU tensors
+    if run.world_size > 1:
+        torch.distributed.all_reduce(found)
+    return (row or {"loss": float("nan")}) if found.item() > 0 else None
+
+
+def _recipe_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> dict[str, list[Any]]:
+    """``{"optim.lr": [old, new], ...}``: the recipe fields that differ from a checkpoint's recipe."""
+    changes: dict[str, list[Any]] = {}
+    for key in sorted(set(saved) | set(now)):
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes.update(_recipe_changes(old, new, f"{prefix}{key}."))
+        elif old != new:
+            changes[f"{prefix}{key}"] = [old, new]
+    return changes
 
 
 def fp32_state_dict(engine: Any, *, rank: int) -> dict[str, torch.Tensor] | None:
