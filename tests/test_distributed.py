@@ -134,3 +134,30 @@ def test_one_host_hostfile_runs_through_the_deepspeed_launcher(tmp_path, corpus,
         os.environ.update(saved)
     assert _curve(out) == pytest.approx(reference, rel=2e-4, abs=2e-4)
     assert (out / "export" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_distillation_with_zero3_two_processes_matches_one_and_resumes(tmp_path, corpus, cache):
+    """The teacher runs unsharded on every rank beside a ZeRO-3 student; the curve and resume stay exact."""
+    teacher_dir = tmp_path / "teacher"
+    teacher_dir.mkdir()
+    recipe = write_tiny_recipe(teacher_dir, corpus, model={"neuron": "none"}, train={"max_steps": 2},
+                               eval={"every_steps": 0, "sample_tokens": 0})
+    assert train_cli(recipe, teacher_dir / "run", cache) == 0
+    distill = {"teacher": str(teacher_dir / "run" / "export"), "alpha": 0.5, "temperature": 2.0}
+
+    def recipe_for(name: str, zero_stage: int, micro: int) -> Path:
+        directory = tmp_path / name
+        directory.mkdir()
+        return write_tiny_recipe(directory, corpus, train={"max_steps": STEPS, "micro_batch_size": micro},
+                                 deepspeed={"zero_stage": zero_stage}, eval={"every_steps": 0, "sample_tokens": 0},
+                                 distill=distill)
+
+    assert train_cli(recipe_for("reference", 0, 2 * MICRO), tmp_path / "reference" / "run", cache) == 0
+    out = tmp_path / "run"
+    assert _two_processes(recipe_for("two", 3, MICRO), out, cache, "--stop-at-step", "3") == 0
+    assert train_cli(recipe_for("one", 3, 2 * MICRO), out, cache) == 0
+    reference_rows, rows = read_metrics(tmp_path / "reference" / "run"), read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for key in ("loss", "ce", "kl"):
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in reference_rows], rel=2e-4, abs=2e-4)

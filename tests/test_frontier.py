@@ -180,3 +180,102 @@ def test_an_edited_recipe_does_not_change_later_points(sweep, capsys):
     assert trained["optim"]["warmup_steps"] == 2 and trained["model"]["adaptive_k"] == 1.0
     rows = json.loads((out / "frontier.json").read_text())["points"]
     assert [row["point"] for row in rows] == ["none", "adaptive-k3", "adaptive-k1"]
+
+
+@pytest.fixture(scope="module")
+def budget_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two budgets (2 and 3 steps) of the dense twin, adaptive k=3 and a variant of it with a clipped STE."""
+    root = tmp_path_factory.mktemp("budgets")
+    corpus = write_corpus(root / "corpus", chars=20_000)
+    recipe = write_tiny_recipe(root, corpus, train={"max_steps": 40},
+                               eval={"every_steps": 0, "max_batches": 1, "sample_tokens": 0})
+    out = root / "out"
+    argv = ["--recipe", str(recipe), "--out", str(out), "--points", "none,adaptive-k3", "--budgets", "2,3",
+            "--variant", "clip=adaptive-k3 model.adaptive_surrogate=clipped", "--tokens", "200",
+            "--cache-dir", str(root / "cache")]
+    assert frontier.main(argv) == 0
+    return out
+
+
+def test_budgets_train_each_point_per_budget_and_plot_the_gap(budget_sweep):
+    out = budget_sweep
+    assert sorted(frontier.budget_dirs(out)) == [2, 3]
+    for steps in (2, 3):
+        sweep = out / f"steps-{steps}"
+        assert json.loads((sweep / "frontier-settings.json").read_text())["set"] == [f"train.max_steps={steps}"]
+        rows = {row["point"]: row for row in json.loads((sweep / "frontier.json").read_text())["points"]}
+        assert list(rows) == ["none", "adaptive-k3", "clip"]
+        assert all(row["train_steps"] == steps and row["budget_steps"] == steps for row in rows.values())
+        trained = yaml.safe_load((sweep / "clip" / "recipe.yaml").read_text())
+        assert trained["model"]["adaptive_surrogate"] == "clipped" and trained["model"]["adaptive_k"] == 3.0
+        assert trained["train"]["max_steps"] == steps
+        assert rows["clip"]["set"][-1] == "model.adaptive_surrogate=clipped"
+    summary = json.loads((out / "budgets.json").read_text())
+    cells = {(cell["point"], cell["budget"]): cell for cell in summary}
+    assert set(cells) == {(p, b) for p in ("none", "adaptive-k3", "clip") for b in (2, 3)}
+    three = json.loads((out / "steps-3" / "frontier.json").read_text())["points"]
+    clip = next(row for row in three if row["point"] == "clip")
+    assert cells[("clip", 3)]["gap_mean"] == cells[("clip", 3)]["gap_worst"] == clip["bpb_vs_dense"]
+    assert cells[("none", 2)]["tokens"] == 2 * 4 * 16 and cells[("clip", 3)]["seeds"] == 1
+    assert (out / "budgets.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = (out / "budgets.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["none", "none", "adaptive-k3", "adaptive-k3",
+                                                                   "clip", "clip"]
+
+
+def test_combine_over_budget_roots_gives_mean_and_worst_seed(budget_sweep, tmp_path, capsys):
+    import shutil
+
+    out = budget_sweep
+    other = tmp_path / "seed1"
+    shutil.copytree(out, other)
+    # a worse second "seed": its clip point 10% above its dense twin at 3 steps
+    path = other / "steps-3" / "clip" / "point.json"
+    point = json.loads(path.read_text())
+    dense = json.loads((other / "steps-3" / "none" / "point.json").read_text())
+    point["bits_per_byte"] = 1.1 * dense["bits_per_byte"]
+    path.write_text(json.dumps(point))
+    first = json.loads((out / "steps-3" / "clip" / "point.json").read_text())["bits_per_byte"]
+    plot = tmp_path / "curve.png"
+    assert frontier.main(["--combine", str(out), str(other), "--plot", str(plot)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    cells = next(line for line in lines if line.startswith("| clip | 3 |")).split("|")
+    gap = first / dense["bits_per_byte"] - 1
+    assert cells[4].strip() == "2"
+    assert cells[6].strip() == f"{100 * (gap + 0.1) / 2:+.2f}%" and cells[7].strip() == "+10.00%"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_variants_and_budgets_are_parsed_and_checked(tmp_path, capsys):
+    variant = frontier.parse_variant("kd=adaptive-k0.4 distill.teacher={dense} distill.alpha=0.5")
+    assert (variant.name, variant.neuron, variant.adaptive_k) == ("kd", "adaptive", 0.4)
+    assert variant.overrides == ["model.neuron=adaptive", "model.adaptive_k=0.4", "distill.teacher={dense}",
+                                 "distill.alpha=0.5"]
+    for bad in ("kd", "kd=", "kd=relu x.y=1", "kd=adaptive-k0.4 model.adaptive_k=1", "kd=none oops",
+                "adaptive-k1=none a.b=1", "a/b=none a.b=1"):
+        with pytest.raises(frontier.FrontierError, match="--"):
+            frontier.parse_variant(bad)
+    assert frontier.parse_budgets("240, 1000") == [240, 1000] and frontier.parse_budgets(None) == [None]
+    for bad in ("", "0", "10,10", "ten"):
+        with pytest.raises(frontier.FrontierError, match="--budgets"):
+            frontier.parse_budgets(bad)
+    assert frontier.main(["--out", str(tmp_path), "--budgets", "10", "--set", "train.max_steps=5"]) == 2
+    assert "--budgets sets the training length" in capsys.readouterr().err
+    # {dense} is this sweep's dense export, {dense@N} the N-step budget's; missing ones are an error
+    export = tmp_path / "steps-7" / "none" / "export"
+    export.mkdir(parents=True)
+    (export / "config.json").write_text("{}")
+    sweep = tmp_path / "steps-9"
+    assert frontier.resolve_overrides(["init.from={dense@7}", "seed=1"], sweep, tmp_path) == [
+        f"init.from={export.resolve()}", "seed=1"]
+    with pytest.raises(frontier.FrontierError, match="train that point first"):
+        frontier.resolve_overrides(["distill.teacher={dense}"], sweep, tmp_path)
+
+
+def test_empty_points_with_a_variant_runs_only_the_variant(tmp_path, capsys):
+    """--points '' is allowed beside variants (a seed of one variant), and still refused alone."""
+    assert frontier.main(["--out", str(tmp_path), "--points", ""]) == 2
+    assert "--points is empty" in capsys.readouterr().err
+    code = frontier.main(["--out", str(tmp_path / "v"), "--points", "", "--variant", "x=adaptive-k0.4 model.y=1",
+                          "--recipe", str(tmp_path / "missing.yaml")])
+    assert code == 2 and "--recipe" in capsys.readouterr().err  # got past the points: only the variant is left

@@ -175,3 +175,205 @@ def test_build_neuron_kinds(kind, cls, max_count, stateful):
     assert isinstance(neuron, cls) and isinstance(neuron, SpikingNeuron)
     assert (neuron.kind, neuron.max_count, neuron.stateful, neuron.fan_out) == (kind, max_count, stateful, 12)
     assert neuron.observers == []
+
+
+def lsq_reference(x, scale, max_spikes, clipped, grad_scale):
+    """LSQ written with plain autograd ops: y = a s round(clamp(x / (a s))), a = mean|x| per token (no gradient),
+    s's gradient scaled by grad_scale; the x gradient is the STE (unchanged, clamp included) or the clipped STE."""
+    mean_abs = x.detach().abs().mean(-1, keepdim=True).clamp(min=AdaptiveNeuron.eps)
+    s = scale * grad_scale + (scale - scale * grad_scale).detach()  # value s, gradient times grad_scale
+    threshold = mean_abs * s
+    source = x if clipped else x.detach()
+    u = torch.clamp(source / threshold, -max_spikes, max_spikes)
+    y = (torch.round(u) - u).detach() + u  # round with a straight-through gradient
+    y = y * threshold
+    return y if clipped else y + x - x.detach()
+
+
+@pytest.mark.parametrize("mode", ["site", "channel"])
+@pytest.mark.parametrize("surrogate", ["ste", "clipped"])
+def test_learned_scale_matches_lsq_reference_values_and_gradients(mode, surrogate):
+    torch.manual_seed(0)
+    neuron = AdaptiveNeuron(fan_out=5, k=0.4, max_spikes=2, scale=mode, channels=16, surrogate=surrogate)
+    with torch.no_grad():  # distinct per-channel multipliers, so a per-channel sum in the wrong order would show
+        neuron.step_scale.copy_(torch.linspace(0.3, 3.0, neuron.step_scale.numel()))
+    # heavy tails: some channels clip at max_spikes, many round to zero
+    x = (torch.randn(3, 7, 16) * torch.rand(3, 7, 16).pow(4) * 6).requires_grad_()
+    seen = []
+    neuron.observers.append(lambda n, counts, mask: seen.append(counts))
+    y, _ = neuron(x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    x_ref = x.detach().clone().requires_grad_()
+    scale_ref = neuron.step_scale.detach().clone().requires_grad_()
+    y_ref = lsq_reference(x_ref, scale_ref, 2, surrogate == "clipped", 1.0 / math.sqrt(x.numel() / scale_ref.numel()
+                                                                                          * 2))
+    y_ref.backward(grad)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(neuron.step_scale.grad, scale_ref.grad)
+    counts = seen[0]
+    assert torch.equal(counts, torch.round(counts)) and counts.abs().max() == 2  # integer counts, some clipped
+    assert (counts == 0).float().mean() > 0.3
+    clipped_any = (x.detach() / (x.detach().abs().mean(-1, keepdim=True) * neuron.step_scale.detach())).abs() > 2
+    assert clipped_any.any()
+    if surrogate == "clipped":
+        assert torch.equal(x.grad[clipped_any], torch.zeros_like(x.grad[clipped_any]))
+    else:
+        assert torch.equal(x.grad, grad)
+
+
+def test_learned_scale_starts_as_the_fixed_rule_and_infers_like_it_trains():
+    torch.manual_seed(1)
+    fixed = AdaptiveNeuron(fan_out=4, k=0.4)
+    learned = AdaptiveNeuron(fan_out=4, k=0.4, scale="channel", channels=8)
+    torch.testing.assert_close(learned.step_scale.detach(), torch.full((8,), 2.5))
+    x = torch.randn(2, 5, 8)
+    counts = {}
+    for name, neuron in (("fixed", fixed), ("learned", learned)):
+        neuron.observers.append(lambda n, c, m, name=name: counts.setdefault(name, []).append(c))
+        with torch.no_grad():
+            y_eval, _ = neuron(x)
+        y_train, _ = neuron(x.clone().requires_grad_())
+        torch.testing.assert_close(y_eval, y_train.detach())
+    assert torch.equal(counts["fixed"][0], counts["learned"][0])
+    assert not learned.fires_like(AdaptiveNeuron(fan_out=4, k=0.4, scale="channel", channels=8))
+    with pytest.raises(ValueError, match="channels"):
+        AdaptiveNeuron(fan_out=4, scale="channel")
+
+
+def test_phase_in_blends_dense_input_and_spikes():
+    torch.manual_seed(2)
+    neuron = AdaptiveNeuron(fan_out=4, k=0.4)
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    spikes, _ = neuron(x.detach())
+    seen = []
+    neuron.observers.append(lambda n, c, m: seen.append(c))
+    neuron.mix = 0.25
+    y, _ = neuron(x)
+    torch.testing.assert_close(y, x + 0.25 * (spikes - x))
+    assert torch.equal(seen[0], torch.round(seen[0])) and (seen[0] == 0).any()  # observers still see counts
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(x))  # STE: d(x + mix (q - x))/dx = 1
+
+
+def test_model_training_progress_phases_spikes_in():
+    from spikelm.model.modeling import SpikeLMForCausalLM
+
+    config = SpikeLMConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, head_size=8, adaptive_k=0.4,
+                           spike_phase_in=0.5)
+    model = SpikeLMForCausalLM(config)
+    neurons = [m for m in model.modules() if isinstance(m, AdaptiveNeuron)]
+    assert neurons and all(n.mix == 1.0 for n in neurons)  # never told: full spikes
+    for progress, mix in ((0.0, 0.0), (0.1, 0.2), (0.5, 1.0), (0.9, 1.0)):
+        model.set_training_progress(progress)
+        assert all(n.mix == pytest.approx(mix) for n in neurons)
+    plain = SpikeLMForCausalLM(SpikeLMConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, head_size=8))
+    plain.set_training_progress(0.0)
+    assert all(n.mix == 1.0 for n in plain.modules() if isinstance(n, AdaptiveNeuron))
+
+
+def test_learned_scale_model_saves_and_loads_its_multipliers(tmp_path):
+    from spikelm.model.modeling import SpikeLMForCausalLM
+
+    config = SpikeLMConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, head_size=8, adaptive_k=0.4,
+                           adaptive_scale="channel")
+    model = SpikeLMForCausalLM(config)
+    site = model.model.layers[0].channel_mix.value.neuron
+    assert site.step_scale.shape == (config.intermediate_size,)  # per input channel of the site
+    torch.testing.assert_close(site.step_scale.detach(), torch.full_like(site.step_scale, 2.5))
+    with torch.no_grad():
+        site.step_scale.mul_(torch.linspace(0.5, 2.0, site.step_scale.numel()))
+    model.save_pretrained(tmp_path)
+    loaded = SpikeLMForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.model.layers[0].channel_mix.value.neuron.step_scale, site.step_scale)
+    ids = torch.randint(0, 32, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits)
+
+
+@pytest.mark.parametrize(("field", "value"), [("adaptive_scale", "token"), ("adaptive_surrogate", "soft"),
+                                              ("spike_phase_in", 1.0), ("spike_phase_in", -0.1)])
+def test_config_rejects_bad_neuron_options(field, value):
+    with pytest.raises(ValueError, match=f"SpikeLMConfig.{field}"):
+        SpikeLMConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, head_size=8, **{field: value})
+
+
+def test_channel_mean_scale_keeps_the_mean_threshold_and_moves_precision_between_channels():
+    torch.manual_seed(3)
+    neuron = AdaptiveNeuron(fan_out=4, k=0.4, max_spikes=8, scale="channel_mean", channels=8)
+    with torch.no_grad():
+        neuron.step_scale.copy_(torch.linspace(1.0, 8.0, 8))  # mean 4.5: rescaled to mean 2.5 = 1/k
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    seen = []
+    neuron.observers.append(lambda n, c, m: seen.append(c))
+    y, _ = neuron(x)
+    effective = torch.linspace(1.0, 8.0, 8) * (2.5 / 4.5)
+    mean_abs = x.detach().abs().mean(-1, keepdim=True)
+    counts = torch.clamp(torch.round(x.detach() / (mean_abs * effective)), -8, 8)
+    assert torch.equal(seen[0], counts)
+    torch.testing.assert_close(y, counts * mean_abs * effective)
+    # the gradient is LSQ's through the rescaling: a uniform change of all multipliers changes nothing
+    y.backward(torch.randn_like(y))
+    grad = neuron.step_scale.grad
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close((grad * neuron.step_scale.detach()).sum(), torch.tensor(0.0), atol=1e-5, rtol=0)
+
+
+def test_adaptive_site_k_overrides_k_at_the_named_sites(tmp_path):
+    from spikelm.model.modeling import SpikeLMForCausalLM
+    from spikelm.train.recipe import ModelSection
+
+    config = SpikeLMConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2, head_size=8, adaptive_k=0.4,
+                           adaptive_scale="site", adaptive_site_k={"channel_mix.value": 4.0})
+    model = SpikeLMForCausalLM(config)
+    ks = {n.site: (n.k, float(n.step_scale.detach())) for n in model.modules() if isinstance(n, AdaptiveNeuron)}
+    assert ks["layers.1.channel_mix.value"] == (4.0, 0.25) and ks["layers.0.channel_mix.value"][0] == 4.0
+    assert all(k == (0.4, pytest.approx(2.5)) for site, k in ks.items() if not site.endswith("channel_mix.value"))
+    model.save_pretrained(tmp_path)
+    loaded = SpikeLMForCausalLM.from_pretrained(tmp_path)
+    assert loaded.model.layers[0].channel_mix.value.neuron.k == 4.0
+    assert loaded.model.layers[0].channel_mix.key.neuron.k == 0.4
+    with pytest.raises(ValueError, match="adaptive_site_k: unknown site 'mlp.value'"):
+        SpikeLMConfig(adaptive_site_k={"mlp.value": 3.0})
+    with pytest.raises(ValueError, match="adaptive_site_k"):
+        SpikeLMConfig(adaptive_site_k={"channel_mix.value": 0})
+    section = ModelSection(overrides={"adaptive_site_k": {"time_mix.output": 2.0}})
+    assert section.build_config(32).adaptive_site_k == {"time_mix.output": 2.0}
+
+
+@pytest.mark.parametrize("surrogate", ["ste", "clipped"])
+def test_resolution_keeps_the_silent_set_and_quantises_active_inputs_finer(surrogate):
+    torch.manual_seed(4)
+    coarse = AdaptiveNeuron(fan_out=4, k=0.4, max_spikes=8)
+    fine = AdaptiveNeuron(fan_out=4, k=0.4, max_spikes=8, resolution=4, surrogate=surrogate)
+    x = (torch.randn(3, 6, 32) * torch.rand(3, 6, 32).pow(3) * 4).requires_grad_()
+    seen = {}
+    for name, neuron in (("coarse", coarse), ("fine", fine)):
+        neuron.observers.append(lambda n, c, m, name=name: seen.setdefault(name, c))
+    y_coarse, _ = coarse(x.detach())
+    y, _ = fine(x)
+    threshold = x.detach().abs().mean(-1, keepdim=True) / 0.4
+    expected = torch.clamp(torch.round(4 * x.detach() / threshold), -8, 8)
+    expected[x.detach().abs() < threshold / 2] = 0
+    assert torch.equal(seen["fine"], expected)
+    assert torch.equal(seen["fine"] == 0, seen["coarse"] == 0)  # the same zeros, hence the same sparsity
+    assert seen["fine"].abs().max() == 8  # some clipped
+    torch.testing.assert_close(y, expected * threshold / 4)
+    active = seen["fine"] != 0
+    # finer steps: the active inputs' error is at most a quarter step of r = 1 (where not clipped)
+    unclipped = active & (seen["fine"].abs() < 8)
+    assert ((y - x).detach()[unclipped].abs() <= threshold.expand_as(x)[unclipped] / 8 + 1e-6).all()
+    assert (y - x).detach()[unclipped].abs().mean() < (y_coarse - x).detach()[unclipped].abs().mean()
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    if surrogate == "ste":
+        assert torch.equal(x.grad, grad)
+    else:
+        clipped = (4 * x.detach() / threshold).round().abs() > 8
+        assert clipped.any() and torch.equal(x.grad, grad * ~clipped)
+    with torch.no_grad():
+        y_eval, _ = fine(x)
+    torch.testing.assert_close(y_eval, y.detach())
+    with pytest.raises(ValueError, match="adaptive_resolution=4 needs adaptive_scale 'fixed'"):
+        SpikeLMConfig(adaptive_resolution=4, adaptive_scale="channel")

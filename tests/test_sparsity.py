@@ -428,3 +428,33 @@ def test_cli_recipe_uses_the_held_out_text(saved_model, tmp_path, capsys):
     assert main(["sparsity", str(model_dir), "--recipe", str(recipe), "--tokens", "40", "--json", str(json_path)]) == 0
     assert "total" in capsys.readouterr().out
     assert json.loads(json_path.read_text())["tokens"] == 40
+
+
+def test_cli_counts_the_spikes_of_a_learned_threshold_export(saved_model, tmp_path, capsys):
+    """An export with LSQ multipliers (adaptive_scale: channel) reports the same integer counts as its forward."""
+    import shutil
+
+    from spikelm.commands.main import main
+    from spikelm.model.modeling import SpikeLMForCausalLM
+
+    tokenizer_dir, text_file = saved_model
+    model_dir = tmp_path / "lsq"
+    shutil.copytree(tokenizer_dir, model_dir)
+    model = tiny_model("adaptive", adaptive_k=0.4, adaptive_scale="channel")
+    with torch.no_grad():  # multipliers away from their init, so a loader that dropped them would count otherwise
+        for module in model.modules():
+            if getattr(module, "step_scale", None) is not None:
+                module.step_scale.mul_(torch.linspace(0.5, 1.5, module.step_scale.numel()))
+    model.save_pretrained(model_dir)
+    json_path = tmp_path / "sparsity.json"
+    assert main(["sparsity", str(model_dir), "--text", str(text_file), "--tokens", "40", "--block-size", "16",
+                 "--json", str(json_path)]) == 0
+    data = json.loads(json_path.read_text())
+    loaded = SpikeLMForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with SparsityMonitor(loaded) as monitor:
+        run_or_skip(loaded, input_ids=ids)
+    with SparsityMonitor(model) as reference:
+        run_or_skip(model, input_ids=ids)
+    assert monitor.report().total.zero_fraction == reference.report().total.zero_fraction
+    assert 0.5 < data["total"]["zero_fraction"] < 1.0 and data["total"]["synops"]["binary"] > 0

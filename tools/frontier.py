@@ -21,6 +21,16 @@ in its own run directory ``<out>/<point>/``:
 - ``point.json``: the point's figures, written last and atomically. A point that has it is finished and is never
   run or written again; the table is rebuilt from every ``point.json`` under ``<out>``.
 
+Variants (``--variant 'NAME=BASE SECTION.KEY=VALUE ...'``) are points of their own: a base point trained with more
+overrides, e.g. a learned threshold (``'lsq=adaptive-k0.4 model.adaptive_scale=channel'``) or distillation from the
+sweep's dense twin (``'kd=adaptive-k0.4 distill.teacher={dense} distill.alpha=0.5'``).
+
+Training budgets (``--budgets 240,1000,4000``): the whole sweep runs once per budget, in ``<out>/steps-<N>/`` with
+``--set train.max_steps=N`` (each a sweep as described here, resumable the same way), and ``<out>/budgets.md``,
+``budgets.json`` and ``budgets.png`` show each point's gap to the dense twin against training tokens.
+``--combine`` over several such roots (one per seed) gives the mean and worst seed per point and budget (``--plot``
+draws them).
+
 Outputs under ``<out>``: ``frontier.csv``, ``frontier.json`` (settings, machine and rows), ``frontier.md`` (the
 table in Markdown) and ``frontier.png`` (x = activation sparsity, y = held-out bits per byte relative to the dense
 twin). ``frontier-settings.json`` pins
@@ -77,14 +87,16 @@ class Point:
     """``none``, ``lif``, ``gated`` or ``adaptive``."""
     adaptive_k: float | None = None
     """Threshold divisor k of the adaptive neuron (``None`` for the other neurons)."""
+    extra: tuple[str, ...] = ()
+    """A variant's own ``--set`` overrides on top of its base point (``{dense}`` / ``{dense@N}`` not yet resolved)."""
 
     @property
     def overrides(self) -> list[str]:
-        """The ``--set`` overrides that select this point's neuron."""
+        """The ``--set`` overrides that select this point's neuron, then the variant's own."""
         sets = [f"model.neuron={self.neuron}"]
         if self.adaptive_k is not None:
             sets.append(f"model.adaptive_k={self.adaptive_k}")
-        return sets
+        return sets + list(self.extra)
 
 
 def parse_point(name: str) -> Point:
@@ -100,6 +112,46 @@ def parse_point(name: str) -> Point:
             raise FrontierError(f"--points {name!r}: the adaptive neuron's k must be > 0, e.g. adaptive-k3")
         return Point(name, "adaptive", k)
     raise FrontierError(f"--points: unknown point {name!r}; use none, lif, gated or adaptive-k<K> (e.g. adaptive-k3)")
+
+
+_VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def parse_variant(text: str) -> Point:
+    """``"NAME=BASE SECTION.KEY=VALUE ..."`` -> a point named NAME that trains BASE (a point name) with the extra
+    overrides, e.g. ``"lsq=adaptive-k0.4 model.adaptive_scale=channel"``. In a value, ``{dense}`` stands for the
+    export of the same sweep's dense twin and ``{dense@N}`` for that of the N-step budget (see ``--budgets``)."""
+    name, sep, rest = text.partition("=")
+    name, parts = name.strip(), rest.split()
+    if not sep or not parts or not _VARIANT_NAME.match(name):
+        raise FrontierError(f"--variant {text!r}: expected NAME=BASE SECTION.KEY=VALUE ..., e.g. "
+                            "--variant 'lsq=adaptive-k0.4 model.adaptive_scale=channel'")
+    base = parse_point(parts[0])
+    extra = tuple(parts[1:])
+    for item in extra:
+        key = item.split("=", 1)[0]
+        if "=" not in item or key in ("model.neuron", "model.adaptive_k"):
+            raise FrontierError(f"--variant {text!r}: {item!r} must be SECTION.KEY=VALUE and not choose the neuron "
+                                "(the base point does)")
+    try:
+        parse_point(name)
+    except FrontierError:
+        return Point(name, base.neuron, base.adaptive_k, extra)
+    raise FrontierError(f"--variant {text!r}: {name!r} is a point name; give the variant a name of its own")
+
+
+def resolve_overrides(sets: list[str], sweep_dir: Path, root: Path) -> list[str]:
+    """Replace ``{dense}`` by ``<sweep_dir>/none/export`` and ``{dense@N}`` by ``<root>/steps-N/none/export``; a
+    missing dense export is an error (run the dense twin first)."""
+    out = []
+    for text in sets:
+        for match in re.finditer(r"\{dense(?:@(\d+))?\}", text):
+            export = (root / f"steps-{match.group(1)}" if match.group(1) else sweep_dir) / DENSE_POINT / "export"
+            if not (export / "config.json").is_file():
+                raise FrontierError(f"{text!r} needs the dense twin's export {export}; train that point first")
+            text = text.replace(match.group(0), str(export.resolve()))
+        out.append(text)
+    return out
 
 
 def parse_points(text: str) -> list[Point]:
@@ -238,7 +290,8 @@ def run_point(point: Point, args: argparse.Namespace, log: Any = print) -> dict[
 
     train_done = run_dir / "train-done.json"
     if not train_done.exists():
-        sets = [*point.overrides, *args.overrides]
+        # the sweep's overrides (budget included) first: a variant may change any of them, e.g. train.max_steps
+        sets = resolve_overrides([*args.overrides, *point.overrides], args.out, args.root)
         argv = ["train", str(args.pinned_recipe), "--out", str(run_dir)]
         for text in sets:
             argv += ["--set", text]
@@ -272,6 +325,8 @@ def run_point(point: Point, args: argparse.Namespace, log: Any = print) -> dict[
         measured[command] = read_json(path)
 
     result = point_figures(point, run_dir, measured["eval"], measured["sparsity"], read_json(train_done))
+    result["set"] = read_json(train_done).get("set")
+    result["budget_steps"] = args.budget
     write_json_atomically(done, result)
     log(f"[frontier] {point.name}: bits/byte {result['bits_per_byte']:.4f}, zero fraction "
         f"{result['zero_fraction']:.3f}, energy ratio {result['energy_ratio']:.3f}")
@@ -338,7 +393,7 @@ def write_table(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any],
 
 
 def _label(row: dict[str, Any]) -> str:
-    return f"k={row['adaptive_k']:g}" if row["neuron"] == "adaptive" else row["point"]
+    return f"k={row['adaptive_k']:g}" if _ADAPTIVE.match(row["point"]) else row["point"]
 
 
 def plot_frontier(rows: list[dict[str, Any]], path: Path, *, goal_sparsity: float = 0.70,
@@ -371,7 +426,8 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path, *, goal_sparsity: floa
             label = f"{_label(row)} ({ys[i]:+.0f}%)" if capped[i] else _label(row)
             axis.annotate(label, (x, y), textcoords="offset points", xytext=(4, 5 if rank % 2 == 0 else -11),
                           fontsize=8)
-        adaptive = sorted((xs[i], ys[i]) for i in range(len(rows)) if rows[i]["neuron"] == "adaptive" and not capped[i])
+        adaptive = sorted((xs[i], ys[i]) for i in range(len(rows))  # the k sweep, variants left out
+                          if _ADAPTIVE.match(rows[i]["point"]) and not capped[i])
         if len(adaptive) > 1:
             axis.plot(*zip(*adaptive, strict=True), color=colours["adaptive"], alpha=0.4, zorder=2)
         axis.set_xlabel(xlabel)
@@ -422,27 +478,32 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _point_order(name: str) -> tuple[int, float]:
-    """Dense twin, then the adaptive neuron by k, then the other neurons."""
-    point = parse_point(name)
-    rank = {"none": 0, "adaptive": 1, "lif": 2, "gated": 3}[point.neuron]
-    return rank, point.adaptive_k or 0.0
+def _point_order(row: dict[str, Any]) -> tuple[int, float, int, str]:
+    """Dense twin, then the adaptive neuron by k (plain points before variants), then the other neurons."""
+    rank = {"none": 0, "adaptive": 1, "lif": 2, "gated": 3}.get(row["neuron"], 4)
+    return rank, row.get("adaptive_k") or 0.0, 0 if _ADAPTIVE.match(row["point"]) else 1, row["point"]
 
 
 # Config fields that change what each kind of neuron computes; a recipe copy does not pin them when a code default
 # changes between sweeps.
 NEURON_FIELDS = {
     "none": ("neuron",),
-    "adaptive": ("neuron", "adaptive_k", "max_spikes", "spike_lm_head"),
+    "adaptive": ("neuron", "adaptive_k", "adaptive_site_k", "max_spikes", "adaptive_resolution", "adaptive_scale",
+                 "adaptive_surrogate", "spike_phase_in", "spike_lm_head"),
     "lif": ("neuron", "lif_tau", "lif_threshold", "lif_reset", "lif_alpha", "spike_lm_head"),
     "gated": ("neuron", "gated_bits", "gated_threshold", "gated_forget_init", "spike_lm_head"),
 }
 
 
+# What an export written before a field existed trained with.
+_FIELD_DEFAULTS = {"adaptive_site_k": None, "adaptive_resolution": 1, "adaptive_scale": "fixed",
+                   "adaptive_surrogate": "ste", "spike_phase_in": 0.0}
+
+
 def neuron_config(run_dir: Path) -> dict[str, Any]:
     """The fields of the neuron a point exported (what it really trained with, code defaults included)."""
     config = read_json(run_dir / "export" / "config.json")
-    return {key: config.get(key) for key in NEURON_FIELDS[config["neuron"]]}
+    return {key: config.get(key, _FIELD_DEFAULTS.get(key)) for key in NEURON_FIELDS[config["neuron"]]}
 
 
 def combine_sweeps(dirs: list[Path]) -> str:
@@ -452,7 +513,8 @@ def combine_sweeps(dirs: list[Path]) -> str:
     tables = [collect_rows(directory, []) for directory in dirs]
     if not any(tables):
         raise FrontierError(f"no finished points under {', '.join(map(str, dirs))}")
-    names = sorted({row["point"] for table in tables for row in table}, key=_point_order)
+    first = {row["point"]: row for table in tables for row in table}
+    names = sorted(first, key=lambda name: _point_order(first[name]))
 
     def stats(values: list[float], scale: float, spec: str) -> str:
         mean = sum(values) / len(values)
@@ -477,6 +539,100 @@ def combine_sweeps(dirs: list[Path]) -> str:
             notes.append(f"\nNote: the {name} points were not trained with the same neuron config ({values}, "
                          "in the order of the sweeps); their mean mixes two models.")
     return "\n".join(lines) + "\n" + "".join(note + "\n" for note in notes)
+
+
+# ------------------------------------------------------------------------------------------------ budgets
+
+
+def budget_dirs(root: Path) -> dict[int, Path]:
+    """The per-budget sweeps ``<root>/steps-<N>`` of a ``--budgets`` run, by N."""
+    found = {}
+    for path in root.glob("steps-*"):
+        if path.is_dir() and path.name[len("steps-"):].isdigit():
+            found[int(path.name[len("steps-"):])] = path
+    return dict(sorted(found.items()))
+
+
+def budget_summary(roots: list[Path]) -> list[dict[str, Any]]:
+    """Per (point, budget) over the roots (e.g. one per seed): mean and worst bits per byte vs each root's own dense
+    twin, mean and lowest zero fraction, and the training tokens of the budget (the dense twin's)."""
+    cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    tokens: dict[int, int] = {}
+    for root in roots:
+        for budget, directory in budget_dirs(root).items():
+            for row in collect_rows(directory, []):
+                cells.setdefault((row["point"], budget), []).append(row)
+                if row["neuron"] == DENSE_POINT and row.get("train_tokens"):
+                    tokens[budget] = row["train_tokens"]
+    if not cells:
+        raise FrontierError(f"no finished points under steps-*/ of {', '.join(map(str, roots))}")
+    summary = []
+    for (name, budget), rows in cells.items():
+        gaps = [row["bpb_vs_dense"] for row in rows if row.get("bpb_vs_dense") is not None]
+        zeros = [row["zero_fraction"] for row in rows]
+        summary.append({
+            "point": name, "neuron": rows[0]["neuron"], "adaptive_k": rows[0].get("adaptive_k"), "budget": budget,
+            "tokens": tokens.get(budget), "seeds": len(rows),
+            "bits_per_byte": sum(row["bits_per_byte"] for row in rows) / len(rows),
+            "gap_mean": sum(gaps) / len(gaps) if gaps else None, "gap_worst": max(gaps) if gaps else None,
+            "zeros_mean": sum(zeros) / len(zeros), "zeros_min": min(zeros),
+        })
+    summary.sort(key=lambda cell: (_point_order(cell), cell["budget"]))
+    return summary
+
+
+def budget_table(summary: list[dict[str, Any]]) -> str:
+    """The budget summary as Markdown: one row per point and budget."""
+    def fmt(value: Any, spec: str, scale: float = 1.0) -> str:
+        return "-" if value is None else format(scale * value, spec)
+
+    lines = ["| point | steps | tokens | seeds | bits/byte (mean) | vs dense twin, mean | worst seed | zeros, mean "
+             "| zeros, lowest |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for cell in summary:
+        lines.append(f"| {cell['point']} | {cell['budget']:,} | {fmt(cell['tokens'], ',.0f')} | {cell['seeds']} "
+                     f"| {cell['bits_per_byte']:.4f} | {fmt(cell['gap_mean'], '+.2f', 100)}% "
+                     f"| {fmt(cell['gap_worst'], '+.2f', 100)}% | {100 * cell['zeros_mean']:.1f}% "
+                     f"| {100 * cell['zeros_min']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_budgets(summary: list[dict[str, Any]], path: Path, *, goal_bpb: float = 0.03) -> None:
+    """Left: bits per byte vs the dense twin (mean over seeds, bar up to the worst seed) against training tokens,
+    one line per point; right: the zero fraction against the same x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax_zeros) = plt.subplots(1, 2, figsize=(12, 5))
+    names = list(dict.fromkeys(cell["point"] for cell in summary))
+    for name in names:
+        cells = sorted((c for c in summary if c["point"] == name and c["tokens"] and c["gap_mean"] is not None),
+                       key=lambda c: c["budget"])
+        if not cells or name == DENSE_POINT:
+            continue
+        xs = [c["tokens"] for c in cells]
+        means = [100 * c["gap_mean"] for c in cells]
+        worst = [100 * (c["gap_worst"] - c["gap_mean"]) for c in cells]
+        line = ax.errorbar(xs, means, yerr=[[0] * len(cells), worst], marker="o", capsize=3, label=name)
+        ax_zeros.plot(xs, [100 * c["zeros_mean"] for c in cells], marker="o", color=line[0].get_color(), label=name)
+    ax.axhline(100 * goal_bpb, color="tab:red", lw=0.8, ls="--", label=f"goal: +{goal_bpb:.0%}")
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_ylabel("held-out bits per byte vs dense twin (%)")
+    ax.set_title("mean over seeds; bars reach the worst seed", fontsize=9)
+    ax_zeros.axhline(70.0, color="tab:red", lw=0.8, ls="--", label="goal: 70% zeros")
+    ax_zeros.set_ylabel("activation sparsity (% zeros)")
+    for axis in (ax, ax_zeros):
+        axis.set_xscale("log")
+        axis.set_xlabel("training tokens")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
@@ -508,50 +664,115 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=int, default=16384, help="held-out tokens for eval and sparsity")
     parser.add_argument("--cache-dir", type=Path, default=None, help="tokenizer/data cache of spikelm train")
     parser.add_argument("--isolate", action="store_true", help="run each spikelm step in a fresh Python process")
+    parser.add_argument("--variant", dest="variants", action="append", default=[], metavar="'NAME=BASE SET ...'",
+                        help="an extra point: BASE (a point name) trained with more overrides, e.g. "
+                        "'lsq=adaptive-k0.4 model.adaptive_scale=channel'; {dense} in a value is this sweep's dense "
+                        "twin export, {dense@N} the N-step budget's (repeatable; run after --points)")
+    parser.add_argument("--budgets", default=None, metavar="N,N,...",
+                        help="training budgets in steps: each point is trained once per budget, in "
+                        "<out>/steps-<N>/ (--set train.max_steps=N); <out>/budgets.{md,json,png} show the gap to the "
+                        "dense twin against training tokens")
     parser.add_argument("--combine", type=Path, nargs="+", default=None, metavar="OUT",
                         help="train nothing: print a Markdown table of mean and range per point over these finished "
-                        "sweeps (e.g. one per seed)")
+                        "sweeps (e.g. one per seed); for --budgets sweeps, per point and budget with the worst seed")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="with --combine over --budgets sweeps: also draw the gap against training tokens here")
     return parser
+
+
+def parse_budgets(text: str | None) -> list[int | None]:
+    """``"240,1000,4000"`` -> ``[240, 1000, 4000]``; ``None`` -> ``[None]`` (one sweep, the recipe's length)."""
+    if text is None:
+        return [None]
+    try:
+        budgets = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise FrontierError(f"--budgets {text!r}: expected comma-separated step counts, e.g. 240,1000,4000") from None
+    if not budgets or min(budgets) < 1 or len(set(budgets)) != len(budgets):
+        raise FrontierError(f"--budgets {text!r}: expected distinct positive step counts, e.g. 240,1000,4000")
+    return budgets
+
+
+def _combine(args: argparse.Namespace) -> None:
+    if any(budget_dirs(root) for root in args.combine):
+        summary = budget_summary(args.combine)
+        print(budget_table(summary), end="")
+        if args.plot is not None:
+            plot_budgets(summary, args.plot)
+            print(f"wrote {args.plot}")
+        return
+    print(combine_sweeps(args.combine), end="")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.combine is not None:
-            print(combine_sweeps(args.combine), end="")
+            _combine(args)
             return 0
-        points = parse_points(args.points)
+        variants = [parse_variant(text) for text in args.variants]
+        # --points '' with variants: only the variants (e.g. one more seed of a variant beside a running sweep)
+        points = ([] if variants and not args.points.strip() else parse_points(args.points)) + variants
+        names = [p.name for p in points]
+        if len(set(names)) != len(names):
+            raise FrontierError(f"--variant: a name is used twice in {', '.join(names)}")
+        budgets = parse_budgets(args.budgets)
         if args.tokens < 1:
             raise FrontierError(f"--tokens {args.tokens}: must be a positive number of held-out tokens")
         if not args.recipe.is_file():
             raise FrontierError(f"--recipe {str(args.recipe)!r} does not exist; pass e.g. "
                                 "recipes/shakespeare-tiny.yaml")
         for text in args.overrides:
-            if text.split("=", 1)[0].strip() in ("model.neuron", "model.adaptive_k"):
+            key = text.split("=", 1)[0].strip()
+            if key in ("model.neuron", "model.adaptive_k"):
                 raise FrontierError(f"--set {text!r}: the points choose model.neuron and model.adaptive_k")
+            if key in ("train.max_steps", "train.max_tokens") and args.budgets is not None:
+                raise FrontierError(f"--set {text!r}: --budgets sets the training length")
         args.recipe = args.recipe.resolve()
-        args.out.mkdir(parents=True, exist_ok=True)
-        settings = _settings(args.recipe, args.overrides, args.tokens)
-        say = lambda message: print(message, flush=True)  # noqa: E731
-        args.pinned_recipe = pin_sweep(args.out, args.recipe, settings, log=say)
+        args.root = args.out
         _environment()
-        # Captured once, when the sweep starts (later calls keep it): the commit and machine that trained it, not
-        # those of a call that only redraws the table; other engineers may commit while a long sweep runs.
-        table = args.out / "frontier.json"
-        machine = read_json(table)["machine"] if table.is_file() else machine_info()
-        for index, point in enumerate(points, 1):
-            print(f"[frontier] point {index}/{len(points)}: {point.name}", flush=True)
-            run_point(point, args, log=say)
-            # Rebuilt after every point so a cut-short sweep still leaves a table of what finished.
-            rows = collect_rows(args.out, [p.name for p in points])
-            write_table(args.out, rows, settings, machine)
-            plot_frontier(rows, args.out / "frontier.png")
+        say = lambda message: print(message, flush=True)  # noqa: E731
+        overrides = list(args.overrides)
+        for budget in budgets:
+            args.budget = budget
+            args.out = args.root if budget is None else args.root / f"steps-{budget}"
+            args.overrides = overrides + ([] if budget is None else [f"train.max_steps={budget}"])
+            rows = run_sweep(points, args, say)
+        if budgets != [None]:
+            summary = budget_summary([args.root])
+            write_text_atomically(args.root / "budgets.md", budget_table(summary))
+            write_json_atomically(args.root / "budgets.json", summary)
+            plot_budgets(summary, args.root / "budgets.png")
+            print(budget_table(summary), end="")
+            print(f"wrote {args.root / 'budgets.md'}, {args.root / 'budgets.json'} and {args.root / 'budgets.png'}")
+            return 0
     except FrontierError as err:
         print(f"tools/frontier.py: error: {err}", file=sys.stderr)
         return 2
     print(format_rows(rows))
     print(f"wrote {args.out / 'frontier.csv'}, {args.out / 'frontier.json'} and {args.out / 'frontier.png'}")
     return 0
+
+
+def run_sweep(points: list[Point], args: argparse.Namespace, say: Any) -> list[dict[str, Any]]:
+    """Every point in ``args.out`` with ``args.overrides``; the table and plot are rebuilt after each point."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = _settings(args.recipe, args.overrides, args.tokens)
+    args.pinned_recipe = pin_sweep(args.out, args.recipe, settings, log=say)
+    # Captured once, when the sweep starts (later calls keep it): the commit and machine that trained it, not
+    # those of a call that only redraws the table; other engineers may commit while a long sweep runs.
+    table = args.out / "frontier.json"
+    machine = read_json(table)["machine"] if table.is_file() else machine_info()
+    rows: list[dict[str, Any]] = []
+    where = "" if args.budget is None else f" ({args.budget} steps)"
+    for index, point in enumerate(points, 1):
+        print(f"[frontier] point {index}/{len(points)}{where}: {point.name}", flush=True)
+        run_point(point, args, log=say)
+        # Rebuilt after every point so a cut-short sweep still leaves a table of what finished.
+        rows = collect_rows(args.out, [p.name for p in points])
+        write_table(args.out, rows, settings, machine)
+        plot_frontier(rows, args.out / "frontier.png")
+    return rows
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ from transformers import PretrainedConfig
 TIME_MIXES = ("rwkv6", "rwkv4")
 NEURONS = ("adaptive", "lif", "gated", "none")
 LIF_RESETS = ("hard", "soft")
+SITE_NAMES = tuple(f"time_mix.{name}" for name in ("receptance", "key", "value", "gate", "decay", "output")) + tuple(
+    f"channel_mix.{name}" for name in ("key", "receptance", "value"))
+ADAPTIVE_SCALES = ("fixed", "site", "channel", "channel_mean")
+SURROGATES = ("ste", "clipped")
 KERNEL_BACKENDS = ("auto", "torch", "triton", "naive")
 
 # Named sizes. 45m/216m/430m follow SpikeGPT's widths and depths; 1.3b follows RWKV-6 1.6B's shape.
@@ -57,6 +61,23 @@ class SpikeLMConfig(PretrainedConfig):
     Adaptive neuron (SpikingBrain):
         adaptive_k: threshold divisor k in ``V_th = mean(|x|) / k``.
         max_spikes: largest integer spike count per token and channel (counts are clipped to +-max_spikes).
+        adaptive_site_k: per-site k overriding ``adaptive_k``, keyed by the end of the site name, e.g.
+            ``{"channel_mix.value": 3.0}`` for the relu² input of every ChannelMix value projection (sites:
+            ``time_mix.{receptance,key,value,gate,decay,output}``, ``channel_mix.{key,receptance,value}``).
+        adaptive_scale: ``"fixed"`` (``V_th = mean(|x|) / k``, SpikingBrain), ``"site"`` or ``"channel"``: ``V_th =
+            mean(|x|) * s`` with a trainable step multiplier ``s`` (one per site, or one per input channel),
+            initialised to ``1 / k`` and trained with LSQ's step-size gradient (Esser et al. 2020); ``"channel_mean"``:
+            per-channel multipliers rescaled to keep their mean at ``1 / k``, so training moves precision between
+            channels while the site's average threshold, and with it roughly its sparsity, stays the fixed rule's.
+        adaptive_resolution: spikes per threshold r: a channel is silent while ``|x| < V_th / 2`` (the zeros of r = 1)
+            and otherwise fires ``round(r x / V_th)`` spikes of ``V_th / r`` (clipped at +-max_spikes): r times finer
+            values for r times the spikes of each active channel; r = 1 is SpikingBrain's rule. Needs
+            ``adaptive_scale: fixed``; raise ``max_spikes`` with it (the clip is in fine counts).
+        adaptive_surrogate: gradient of the rounding for the input: ``"ste"`` passes it unchanged, clamp included;
+            ``"clipped"`` zeroes it where the count is clipped at +-max_spikes.
+        spike_phase_in: fraction of training (in [0, 1)) over which the adaptive neuron's output moves linearly from
+            its dense input to ``V_th * counts`` (0: spikes from the first step). The training loop reports its
+            progress through ``SpikeLMForCausalLM.set_training_progress``; outside training the output is spikes.
     LIF neuron (SpikeGPT):
         lif_tau: membrane time constant (> 1 leaks slower).
         lif_threshold: firing threshold v_th.
@@ -88,6 +109,11 @@ class SpikeLMConfig(PretrainedConfig):
     kernel_backend: str = "auto"
     adaptive_k: float = 3.0
     max_spikes: int = 8
+    adaptive_site_k: dict[str, float] | None = None
+    adaptive_scale: str = "fixed"
+    adaptive_resolution: int = 1
+    adaptive_surrogate: str = "ste"
+    spike_phase_in: float = 0.0
     lif_tau: float = 2.0
     lif_threshold: float = 1.0
     lif_reset: str = "hard"
@@ -115,8 +141,10 @@ class SpikeLMConfig(PretrainedConfig):
         _choice("neuron", self.neuron, NEURONS)
         _choice("lif_reset", self.lif_reset, LIF_RESETS)
         _choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        _choice("adaptive_scale", self.adaptive_scale, ADAPTIVE_SCALES)
+        _choice("adaptive_surrogate", self.adaptive_surrogate, SURROGATES)
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "head_size", "intermediate_size",
-                     "decay_lora_rank", "context_length", "max_spikes", "gated_bits"):
+                     "decay_lora_rank", "context_length", "max_spikes", "gated_bits", "adaptive_resolution"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"SpikeLMConfig.{name}={value!r} must be a positive integer")
@@ -133,6 +161,17 @@ class SpikeLMConfig(PretrainedConfig):
             raise ValueError(f"SpikeLMConfig.layer_norm_eps_rescale_every={every!r} must be an integer >= 0")
         if self.ln_out_epsilon is not None:
             _positive("ln_out_epsilon", self.ln_out_epsilon)
+        if self.adaptive_resolution > 1 and self.adaptive_scale != "fixed":
+            raise ValueError(f"SpikeLMConfig.adaptive_resolution={self.adaptive_resolution} needs adaptive_scale "
+                             f"'fixed', not {self.adaptive_scale!r}")
+        for site, k in (self.adaptive_site_k or {}).items():
+            if site not in SITE_NAMES:
+                raise ValueError(f"SpikeLMConfig.adaptive_site_k: unknown site {site!r}; use one of "
+                                 f"{', '.join(SITE_NAMES)}")
+            _positive(f"adaptive_site_k[{site!r}]", k)
+        phase_in = self.spike_phase_in
+        if isinstance(phase_in, bool) or not isinstance(phase_in, int | float) or not 0.0 <= phase_in < 1.0:
+            raise ValueError(f"SpikeLMConfig.spike_phase_in={phase_in!r} must be a fraction of training in [0, 1)")
         if not 0.0 < self.gated_forget_init < 1.0:
             raise ValueError(f"SpikeLMConfig.gated_forget_init={self.gated_forget_init!r} must lie in (0, 1)")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):

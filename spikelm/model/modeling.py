@@ -28,7 +28,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from spikelm.model.cache import SpikeLMCache
 from spikelm.model.channel_mix import ChannelMix
 from spikelm.model.config import SpikeLMConfig
-from spikelm.model.neurons import GatedNeuron, SpikingLinear, SpikingNeuron, Synapses, build_neuron
+from spikelm.model.neurons import AdaptiveNeuron, GatedNeuron, SpikingLinear, SpikingNeuron, Synapses, build_neuron
 from spikelm.model.time_mix import build_time_mix
 
 # Saved models point the Auto factories at thin modules that import the installed spikelm (see spikelm/remote/).
@@ -80,7 +80,7 @@ class SpikeLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["SpikeLMBlock"]
     _is_stateful = True
     # Decays, bonuses and neuron gates stay fp32 even when the model is loaded in bf16/fp16.
-    _keep_in_fp32_modules_strict = ["time_decay", "time_first", "bonus", "forget_logit"]
+    _keep_in_fp32_modules_strict = ["time_decay", "time_first", "bonus", "forget_logit", "step_scale"]
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -108,6 +108,8 @@ class SpikeLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, GatedNeuron):
             logit = torch.logit(torch.tensor(module.forget_init)).item()
             init.constant_(module.forget_logit, logit)
+        elif isinstance(module, AdaptiveNeuron) and module.step_scale is not None:
+            init.constant_(module.step_scale, 1.0 / module.k)  # starts as the fixed rule V_th = mean|x| / k
         elif hasattr(module, "init_recurrence_"):
             module.init_recurrence_()
 
@@ -124,9 +126,13 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         eps_out = config.layer_norm_epsilon if config.ln_out_epsilon is None else config.ln_out_epsilon
         self.ln_out = nn.LayerNorm(config.hidden_size, eps=eps_out)
         self.gradient_checkpointing = False
+        site_k = config.adaptive_site_k or {}
         for name, module in self.named_modules():
             if isinstance(module, SpikingLinear):
                 module.neuron.site = name
+                suffix = name.split(".", 2)[-1]  # "layers.0.channel_mix.value" -> "channel_mix.value"
+                if isinstance(module.neuron, AdaptiveNeuron) and suffix in site_k:
+                    module.neuron.k = float(site_k[suffix])  # post_init below starts learned multipliers at 1/k
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -295,6 +301,19 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
         output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache,
                                         hidden_states=outputs.hidden_states)
         return output if return_dict is not False else output.to_tuple()
+
+    def set_training_progress(self, progress: float) -> None:
+        """Tell the neurons how far training is (``progress`` in [0, 1], step / total steps).
+
+        With ``config.spike_phase_in = f > 0`` the adaptive neurons output ``x + mix * (spikes - x)`` with ``mix =
+        min(1, progress / f)``: dense at the start, full spikes from ``f`` of the way on. Without a phase-in it does
+        nothing; a model that was never told (inference, an export) spikes fully.
+        """
+        phase_in = self.config.spike_phase_in
+        mix = 1.0 if phase_in <= 0 else min(1.0, max(0.0, progress) / phase_in)
+        for module in self.modules():
+            if isinstance(module, AdaptiveNeuron):
+                module.mix = mix
 
     def set_event_decoding(self, enabled: bool = True) -> None:
         """Event-driven synapses in one-token inference calls (``Synapses``).

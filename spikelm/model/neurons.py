@@ -116,43 +116,155 @@ class _AdaptiveQuantize(torch.autograd.Function):
         return grad_y, None, None
 
 
+class _LearnedQuantize(torch.autograd.Function):
+    """``V_th * clamp(round(x / V_th), -m, m)`` with ``V_th = a * s``: ``a [..., 1]`` the token's mean |x| (no
+    gradient), ``s`` a trainable step multiplier (``[1]`` per site or ``[C]`` per channel).
+
+    Gradients (LSQ, Esser et al. 2020, with ``u = x / V_th``):
+    - x: passed unchanged (``clipped=False``, the STE of :class:`_AdaptiveQuantize`), or zeroed where |u| > m;
+    - s: ``a * (round(u) - u)`` where |u| <= m and ``a * (+-m)`` where clipped, summed over the elements sharing the
+      multiplier and scaled by ``grad_scale`` (LSQ's ``1 / sqrt(N * m)``), so the step size learns at a rate
+      comparable to the weights whatever the number of elements.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, mean_abs: Tensor, scale: Tensor, max_spikes: int, clipped: bool,
+                grad_scale: float) -> tuple[Tensor, Tensor]:
+        threshold = mean_abs * scale
+        u = x / threshold
+        counts = torch.round(u).clamp_(-max_spikes, max_spikes)
+        ctx.save_for_backward(u, counts, mean_abs, scale)
+        ctx.clipped, ctx.grad_scale, ctx.max_spikes = clipped, grad_scale, max_spikes
+        ctx.mark_non_differentiable(counts)
+        return counts * threshold, counts
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, grad_counts: Tensor) -> tuple[Tensor | None, ...]:
+        u, counts, mean_abs, scale = ctx.saved_tensors
+        inside = u.abs() <= ctx.max_spikes
+        grad_x = grad_y * inside if ctx.clipped else grad_y
+        # counts - u inside the range; counts (= +-m) where clipped.
+        grad_step = grad_y * mean_abs * torch.where(inside, counts - u, counts)
+        grad_scale = grad_step.reshape(-1, scale.numel()).sum(0) if scale.numel() > 1 else grad_step.sum().reshape(1)
+        return grad_x, None, grad_scale.view_as(scale) * ctx.grad_scale, None, None, None
+
+
 class AdaptiveNeuron(SpikingNeuron):
     """SpikingBrain's adaptive-threshold neuron (arXiv 2509.05276, §3.3.1); stateless.
 
     Per token: ``V_th = clamp(mean_c |x|, min=eps) / k``, ``s = clamp(round(x / V_th), -max_spikes, max_spikes)``
     and the projection sees ``V_th * s``. All threshold math is in fp32 whatever the model dtype.
+
+    Options (``SpikeLMConfig.adaptive_scale`` / ``adaptive_surrogate`` / ``spike_phase_in``): a trainable step
+    multiplier replacing ``1 / k`` (``scale="site"``, ``"channel"`` or ``"channel_mean"`` with the channels' mean held
+    at ``1 / k``; LSQ gradient, initialised to ``1 / k``), a
+    clipped straight-through gradient, and ``mix`` < 1 while spikes are phased in (output ``x + mix * (spikes - x)``;
+    the observers always see the integer counts).
+
+    ``resolution`` r > 1 (``SpikeLMConfig.adaptive_resolution``, fixed multiplier only) separates the silent set from
+    the step: a channel stays silent when ``|x| < V_th / 2`` exactly as with r = 1 (the same zeros), and fires
+    ``clamp(round(r x / V_th), -max_spikes, max_spikes)`` spikes of size ``V_th / r`` otherwise: r times finer
+    values for r times more spikes per active channel.
     """
 
     kind = "adaptive"
     # mean |x| of a (masked) all-zero token; the clamp keeps V_th away from 0 so x / V_th stays finite (and is 0).
     eps = 1e-6
+    # Smallest learned multiplier: keeps V_th > 0 whatever the optimizer does to the parameter.
+    min_scale = 1e-4
 
-    def __init__(self, fan_out: int, k: float = 3.0, max_spikes: int = 8) -> None:
+    def __init__(self, fan_out: int, k: float = 3.0, max_spikes: int = 8, *, scale: str = "fixed",
+                 channels: int | None = None, surrogate: str = "ste", resolution: int = 1) -> None:
         super().__init__(fan_out, max_spikes)
         self.k = float(k)
+        self.resolution = int(resolution)
+        if self.resolution > 1 and scale != "fixed":
+            raise ValueError("AdaptiveNeuron: resolution > 1 needs the fixed multiplier (scale='fixed')")
         self.max_spikes = int(max_spikes)
+        self.scale_mode, self.surrogate = scale, surrogate
+        self.mix = 1.0  # 1 = spikes; set below 1 by SpikeLMForCausalLM.set_training_progress while phasing in
+        if scale == "fixed":
+            self.step_scale = None
+        else:
+            size = 1 if scale == "site" else channels  # "channel" or "channel_mean"
+            if not size:
+                raise ValueError("AdaptiveNeuron(scale='channel') needs the number of input channels")
+            self.step_scale = nn.Parameter(torch.full((size,), 1.0 / self.k))
+
+    def _simple(self) -> bool:
+        """The SpikingBrain rule exactly: fixed 1/k, plain STE, full spikes (the fast path)."""
+        return self.step_scale is None and self.surrogate == "ste" and self.mix == 1.0 and self.resolution == 1
 
     def forward(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> tuple[Tensor, None]:
         x32 = mask_tokens(x.float(), mask)
-        training = torch.is_grad_enabled() and x32.requires_grad
-        # mean(|x|) / k as one fused L1 reduction, scaled and clamped in place on the small [B, T, 1] result. No
-        # gradient flows through V_th (see _AdaptiveQuantize), so autograd need not record it.
-        threshold = torch.linalg.vector_norm(x32.detach() if training else x32, 1, dim=-1, keepdim=True)  # [B, T, 1]
-        threshold = threshold.mul_(1.0 / (x.shape[-1] * self.k)).clamp_(min=self.eps / self.k)
-        if training:
-            y, counts = _AdaptiveQuantize.apply(x32, threshold, self.max_spikes)
-        else:  # inference: no autograd.Function call, and V_th * counts in place unless observers need the counts
-            counts = _spike_counts(x32, threshold, self.max_spikes)
-            y = counts * threshold if self.observers else counts.mul_(threshold)
+        training = torch.is_grad_enabled() and (x32.requires_grad or self.step_scale is not None)
+        # mean(|x|) as one fused L1 reduction on the small [B, T, 1] result. No gradient flows through it (LSQ
+        # learns the multiplier instead), so autograd need not record it.
+        mean_abs = torch.linalg.vector_norm(x32.detach(), 1, dim=-1, keepdim=True).mul_(1.0 / x.shape[-1])
+        if self._simple():
+            threshold = mean_abs.div_(self.k).clamp_(min=self.eps / self.k)
+            if training:
+                y, counts = _AdaptiveQuantize.apply(x32, threshold, self.max_spikes)
+            else:  # inference: no autograd.Function call, and V_th * counts in place unless observers need counts
+                counts = _spike_counts(x32, threshold, self.max_spikes)
+                y = counts * threshold if self.observers else counts.mul_(threshold)
+        else:
+            y, counts = self._general(x32, mean_abs, training)
         if self.observers:
             self._notify(counts, mask)
         return cast(y, x.dtype), None
 
+    def _general(self, x32: Tensor, mean_abs: Tensor, training: bool) -> tuple[Tensor, Tensor]:
+        """Learned multiplier, finer counts, clipped STE and/or phase-in (the options of the class docstring)."""
+        mean_abs = mean_abs.clamp_(min=self.eps)
+        if self.resolution > 1:
+            y, counts = self._fine_counts(x32, mean_abs.div_(self.k), training)
+        else:
+            y, counts = self._lsq(x32, mean_abs, training)
+        if self.mix != 1.0:
+            y = x32 + self.mix * (y - x32)
+        return y, counts
+
+    def _lsq(self, x32: Tensor, mean_abs: Tensor, training: bool) -> tuple[Tensor, Tensor]:
+        """``V_th = mean|x| * s`` with ``s`` the learned multiplier (or the fixed 1/k); LSQ gradient for ``s``."""
+        if self.step_scale is None:
+            scale = torch.full((1,), 1.0 / self.k, device=x32.device)
+        else:
+            scale = self.step_scale.float().clamp(min=self.min_scale)
+            if self.scale_mode == "channel_mean":  # mean pinned at 1/k; autograd carries LSQ's gradient through it
+                scale = scale * ((1.0 / self.k) / scale.mean())
+        if training:
+            shared = x32.numel() // scale.numel()  # elements per multiplier: LSQ's N
+            return _LearnedQuantize.apply(x32, mean_abs, scale, self.max_spikes, self.surrogate == "clipped",
+                                          1.0 / math.sqrt(shared * self.max_spikes))
+        threshold = mean_abs * scale
+        counts = _spike_counts(x32, threshold, self.max_spikes)
+        return counts * threshold, counts
+
+    def _fine_counts(self, x32: Tensor, threshold: Tensor, training: bool) -> tuple[Tensor, Tensor]:
+        """``resolution`` > 1: silent below ``V_th / 2``, counts of ``V_th / r`` above; straight-through gradient
+        (zeroed where the count is clipped with ``surrogate="clipped"``)."""
+        with torch.no_grad():
+            step = threshold / self.resolution
+            fine = torch.div(x32, step).round_()
+            counts = fine.clamp(-self.max_spikes, self.max_spikes).masked_fill_(x32.abs() < threshold / 2, 0.0)
+            quantized = counts * step
+        if not training:
+            return quantized, counts
+        source = x32 * (fine.abs() <= self.max_spikes) if self.surrogate == "clipped" else x32
+        return source + (quantized - source).detach(), counts
+
     def fires_like(self, other: SpikingNeuron) -> bool:
-        return isinstance(other, AdaptiveNeuron) and (other.k, other.max_spikes) == (self.k, self.max_spikes)
+        # Learned multipliers differ per site; the rule of one site is not the rule of another.
+        return (isinstance(other, AdaptiveNeuron) and self.step_scale is None and other.step_scale is None
+                and (other.k, other.max_spikes, other.surrogate, other.mix, other.resolution)
+                == (self.k, self.max_spikes, self.surrogate, self.mix, self.resolution))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, k={self.k}"
+        extra = f", scale={self.scale_mode!r}" if self.scale_mode != "fixed" else ""
+        extra += f", surrogate={self.surrogate!r}" if self.surrogate != "ste" else ""
+        extra += f", resolution={self.resolution}" if self.resolution != 1 else ""
+        return f"{super().extra_repr()}, k={self.k}{extra}"
 
 
 class LIFNeuron(SpikingNeuron):
@@ -239,7 +351,9 @@ def build_neuron(config: SpikeLMConfig, fan_out: int, channels: int | None = Non
     channels = config.hidden_size if channels is None else channels
     backend = kernel_backend(config)
     if config.neuron == "adaptive":
-        return AdaptiveNeuron(fan_out, k=config.adaptive_k, max_spikes=config.max_spikes)
+        return AdaptiveNeuron(fan_out, k=config.adaptive_k, max_spikes=config.max_spikes, scale=config.adaptive_scale,
+                              channels=channels, surrogate=config.adaptive_surrogate,
+                              resolution=config.adaptive_resolution)
     if config.neuron == "lif":
         return LIFNeuron(fan_out, tau=config.lif_tau, threshold=config.lif_threshold, reset=config.lif_reset,
                          alpha=config.lif_alpha, backend=backend)

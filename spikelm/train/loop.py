@@ -14,7 +14,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from spikelm.train.checkpoint import (
 )
 from spikelm.train.recipe import Recipe
 from spikelm.train.schedule import lr_at
+from spikelm.train.start import distill_loss, export_config, load_initial_weights, load_teacher
 
 
 class TrainingDiverged(SpikeLMError):
@@ -217,6 +218,7 @@ class Run:
     saved_step: int = -1  # the step of the last checkpoint written or resumed from
     pending: list[dict[str, Any]] = field(default_factory=list)  # train rows whose loss is still on the device
     last_loss: float = math.nan  # of the last step read back by ``flush``
+    teacher: Any = None  # the frozen model of distill.teacher, if any
 
     @property
     def is_main(self) -> bool:
@@ -279,8 +281,13 @@ def setup(recipe: Recipe, run_dir: Path, *, resume: Path | None, no_resume: bool
         torch.cuda.set_device(device)
     cache_dir = cache_dir or Path(os.environ.get("SPIKELM_CACHE", Path.home() / ".cache" / "spikelm"))
 
-    # Tokenizer and data (both build their caches on rank 0 first; the other ranks then read them).
-    tokenizer = prepare_tokenizer(recipe.tokenizer, recipe.data, cache_dir)
+    # Tokenizer and data (both build their caches on rank 0 first; the other ranks then read them). A model
+    # started from an export keeps the export's tokenizer.
+    init_from = Path(recipe.init.from_).expanduser() if recipe.init.from_ else None
+    if init_from is not None:
+        export_config(init_from, "init.from")  # before its tokenizer is read: a clear error for a wrong directory
+    tok_cfg = recipe.tokenizer if init_from is None else replace(recipe.tokenizer, path=str(init_from))
+    tokenizer = prepare_tokenizer(tok_cfg, recipe.data, cache_dir)
     train_blocks, heldout_blocks = build_datasets(recipe.data, tokenizer, recipe.train.block_size, cache_dir)
     config = recipe.model_config(len(tokenizer))
     check_vocab(tokenizer, config)
@@ -299,6 +306,8 @@ def setup(recipe: Recipe, run_dir: Path, *, resume: Path | None, no_resume: bool
 
     torch.manual_seed(recipe.seed)
     model = SpikeLMForCausalLM(config)
+    if init_from is not None and checkpoint is None:  # a resumed run continues from its checkpoint instead
+        load_initial_weights(model, init_from, config)
     if recipe.deepspeed.activation_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
@@ -332,6 +341,13 @@ def setup(recipe: Recipe, run_dir: Path, *, resume: Path | None, no_resume: bool
             listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
             run.say(f"spikelm train: the recipe differs from the checkpoint's: {listed} (recorded in metrics.jsonl)")
             run.metrics.write({"kind": "recipe_change", "step": step, "changes": changes, "time": time.time()})
+    if init_from is not None:
+        run.say(f"init.from: the tokenizer of {init_from} replaces the recipe's tokenizer section"
+                + ("" if checkpoint is not None else f"; weights loaded from {init_from}"))
+    if recipe.distill.teacher:
+        run.teacher = load_teacher(Path(recipe.distill.teacher).expanduser(), config, recipe.precision, device)
+        run.say(f"distill: teacher {recipe.distill.teacher}, alpha {recipe.distill.alpha}, temperature "
+                f"{recipe.distill.temperature}")
     if run.is_main:
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     _describe(run, train_blocks, heldout_blocks)
@@ -368,10 +384,14 @@ def train_step(run: Run, *, with_grad_norm: bool) -> torch.Tensor | None:
                total_steps=run.total_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    step_loss, grad_norm = torch.zeros((), device=run.device), None
+    if run.config.spike_phase_in > 0:
+        engine.module.set_training_progress((run.step + 1) / run.total_steps)  # this step ends at full spikes
+    step_loss, grad_norm, parts = torch.zeros((), device=run.device), None, {}
     for _ in range(recipe.train.grad_accum):
         batch = next(run.loader).to(run.device)  # [micro, block_size + 1]
-        loss = lm_loss(engine(input_ids=batch[:, :-1]).logits, batch[:, 1:])
+        loss, micro_parts = _loss(run, batch)
+        for name, value in micro_parts.items():
+            parts[name] = parts.get(name, 0.0) + value.detach().float() / recipe.train.grad_accum
         engine.backward(loss)
         if with_grad_norm and engine.is_gradient_accumulation_boundary() and recipe.deepspeed.zero_stage == 0:
             grad_norm = _grad_norm(engine.module)  # all-reduced by the boundary backward, cleared by the step
@@ -381,7 +401,8 @@ def train_step(run: Run, *, with_grad_norm: bool) -> torch.Tensor | None:
         grad_norm = engine.get_global_grad_norm()  # ZeRO >= 1 records it in step()
     run.step += 1
     run.tokens_seen += run.tokens_per_step
-    run.pending.append({"kind": "train", "step": run.step, "loss": step_loss, "lr": lr, "tokens": run.tokens_seen})
+    run.pending.append({"kind": "train", "step": run.step, "loss": step_loss, "lr": lr, "tokens": run.tokens_seen,
+                        **parts})
     return grad_norm
 
 
@@ -395,12 +416,18 @@ def flush(run: Run, *, grad_norm: Any = None, stop: bool = False, throughput: Th
     """
     rows = run.pending
     values = [row["loss"] for row in rows]
+    # the loss's logged parts (distillation's ce and kl) travel in the same read-back
+    parts = [(row, key) for row in rows for key, value in row.items() if key != "loss" and torch.is_tensor(value)]
     norm = torch.as_tensor(grad_norm if grad_norm is not None else 0.0, dtype=torch.float32, device=run.device)
-    packed = torch.stack([*values, norm.reshape(()), torch.tensor(float(stop), device=run.device)])
+    packed = torch.stack([*values, *(row[key] for row, key in parts), norm.reshape(()),
+                          torch.tensor(float(stop), device=run.device)])
     if run.world_size > 1:
         torch.distributed.all_reduce(packed)  # on the run's device: NCCL has no CPU tensors
-        packed[:-1] /= run.world_size  # losses and the (identical) norm: mean; the stop flag stays a sum
-    *losses, norm_value, stops = packed.tolist()
+        packed[:-1] /= run.world_size  # losses, parts and the (identical) norm: mean; the stop flag stays a sum
+    *read, norm_value, stops = packed.tolist()
+    losses = read[:len(rows)]
+    for (row, key), value in zip(parts, read[len(rows):], strict=True):
+        row[key] = value
     run.pending = []
     for row, loss in zip(rows, losses, strict=True):
         if not math.isfinite(loss):
@@ -418,6 +445,20 @@ def flush(run: Run, *, grad_norm: Any = None, stop: bool = False, throughput: Th
     for row in rows:
         run.metrics.write(row)
     return stops > 0
+
+
+def _loss(run: Run, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss of one micro-batch ``[micro, block_size + 1]`` and its logged parts (with a teacher: the
+    cross-entropy ``ce`` and ``kl``, the loss being their blend)."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    logits = run.engine(input_ids=inputs).logits
+    if run.teacher is None:
+        return lm_loss(logits, targets), {}
+    with torch.no_grad():
+        teacher_logits = run.teacher(input_ids=inputs, use_cache=False).logits
+    loss, ce, kl = distill_loss(logits, teacher_logits, targets, run.recipe.distill.alpha,
+                                run.recipe.distill.temperature)
+    return loss, {"ce": ce, "kl": kl}
 
 
 def evaluate(run: Run, *, write: Any = print) -> dict[str, Any]:

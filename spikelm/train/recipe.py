@@ -217,6 +217,49 @@ class ExportSection:
 
 
 @dataclass
+class DistillSection:
+    """Knowledge distillation from a trained model (e.g. the dense twin) while training this one.
+
+    Loss per batch: ``(1 - alpha) * CE + alpha * T^2 * KL(teacher || student)``, both distributions softened by the
+    temperature ``T``. The teacher runs on every rank, in eval mode, without gradients, in the recipe's precision;
+    its forward time counts in the reported tokens/s.
+    """
+
+    teacher: str | None = None
+    """Directory of a SpikeLM export (``RUN_DIR/export``) with the student's vocabulary; ``null``: no distillation."""
+    alpha: float = 0.5
+    """Weight of the KL term, in [0, 1] (0: plain cross-entropy, 1: the teacher's distribution only)."""
+    temperature: float = 1.0
+    """Softmax temperature of both distributions (> 0); the KL term is scaled by its square."""
+
+    def __post_init__(self) -> None:
+        _check(self.teacher is None or (isinstance(self.teacher, str) and bool(self.teacher)), "distill.teacher",
+               f"expected an export directory, got {self.teacher!r}")
+        _check(0.0 <= self.alpha <= 1.0, "distill.alpha", f"must lie in [0, 1], got {self.alpha}")
+        _check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
+
+
+@dataclass
+class InitSection:
+    """Start from an existing model instead of random weights (recipe key ``init.from``).
+
+    The weights of the export are loaded before training (every tensor's shape checked against the recipe's model;
+    parameters the export lacks, such as learned neuron thresholds of a dense export, keep their initial values)
+    and its tokenizer replaces the recipe's ``tokenizer:`` section. A resumed run continues from its checkpoint and
+    does not load them again.
+    """
+
+    from_: str | None = None
+    """Directory of a SpikeLM export (model safetensors + config + tokenizer); ``null``: random init."""
+
+    recipe_keys = {"from": "from_"}  # YAML key -> field ("from" is a Python keyword)
+
+    def __post_init__(self) -> None:
+        _check(self.from_ is None or (isinstance(self.from_, str) and bool(self.from_)), "init.from",
+               f"expected an export directory, got {self.from_!r}")
+
+
+@dataclass
 class ModelSection:
     """A named size plus field overrides, e.g. ``{preset: tiny, neuron: lif, hidden_size: 192}``.
 
@@ -282,6 +325,8 @@ class Recipe:
     eval: EvalSection = field(default_factory=EvalSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     export: ExportSection = field(default_factory=ExportSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+    init: InitSection = field(default_factory=InitSection)
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
@@ -295,8 +340,10 @@ class Recipe:
         if vocab is not None and tok_vocab is not None and getattr(self.tokenizer, "path", None) is None:
             _check(vocab == tok_vocab, "model.vocab_size", f"{vocab} differs from tokenizer.vocab_size={tok_vocab}; "
                    "set only tokenizer.vocab_size")
-        # Build the model config once now so a bad field fails before any work (vocab from the tokenizer section).
-        self.model_config(tok_vocab if getattr(self.tokenizer, "path", None) is None else None)
+        # Build the model config once now so a bad field fails before any work (vocab from the tokenizer section,
+        # unless init.from brings its own tokenizer).
+        trained = getattr(self.tokenizer, "path", None) is None and self.init.from_ is None
+        self.model_config(tok_vocab if trained else None)
 
     def model_config(self, vocab_size: int | None = None) -> SpikeLMConfig:
         """The model's config for a tokenizer of ``vocab_size`` tokens (context length >= the block size)."""
@@ -306,6 +353,7 @@ class Recipe:
         """Plain, YAML/JSON-serialisable form (what :func:`recipe_from_dict` reads back)."""
         out = dataclasses.asdict(self)
         out["model"] = {"preset": self.model.preset, **self.model.overrides}
+        out["init"] = {"from": self.init.from_}
         return _plain(out)
 
     def deepspeed_config(self, world_size: int) -> dict[str, Any]:
@@ -466,15 +514,18 @@ def dataclass_from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise SpikeLMError(f"recipe key {where!r}: expected a mapping of keys to values, got {data!r}")
     hints = typing.get_type_hints(cls)
+    aliases = getattr(cls, "recipe_keys", {})  # YAML key -> field name, for keys that are Python keywords
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    keys = {next((k for k, v in aliases.items() if v == name), name): name for name in fields}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        if key not in fields:
-            raise _unknown_key(key, prefix, list(fields))
-        kwargs[key] = _convert(value, hints[key], f"{prefix}.{key}" if prefix else key)
-    for name, f in fields.items():
+        if key not in keys:
+            raise _unknown_key(key, prefix, list(keys))
+        kwargs[keys[key]] = _convert(value, hints[keys[key]], f"{prefix}.{key}" if prefix else key)
+    for key, name in keys.items():
+        f = fields[name]
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise SpikeLMError(f"recipe key {(prefix + '.' if prefix else '') + name!r} is required but missing")
+            raise SpikeLMError(f"recipe key {(prefix + '.' if prefix else '') + key!r} is required but missing")
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:
@@ -559,6 +610,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 __all__ = [
     "Recipe", "TrainConfig", "OptimConfig", "DeepSpeedSection", "CheckpointSection", "EvalSection", "LoggingSection",
-    "ExportSection", "ModelSection", "load_recipe", "recipe_from_dict", "dataclass_from_dict", "apply_overrides",
-    "parse_override",
+    "ExportSection", "DistillSection", "InitSection", "ModelSection", "load_recipe", "recipe_from_dict",
+    "dataclass_from_dict", "apply_overrides", "parse_override",
 ]
