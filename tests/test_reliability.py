@@ -257,7 +257,7 @@ def test_divergence_before_any_checkpoint_says_so(tmp_path, corpus, cache, capsy
     import spikelm.train.loop as loop
 
     recipe = write_tiny_recipe(tmp_path, corpus, train={"max_steps": 3})
-    monkeypatch.setattr(loop, "lm_loss", lambda logits, targets: logits.sum() * float("inf"))
+    monkeypatch.setattr(loop, "lm_cross_entropy", lambda logits, targets: logits.sum() * float("inf"))
     assert train_cli(recipe, tmp_path / "run", cache) == 2
     err = capsys.readouterr().err
     assert "no checkpoint was written yet" in err and "last good checkpoint" not in err

@@ -11,6 +11,9 @@ tokens seen, the recipe, the model config) and one ``rank<R>.pt`` per rank (RNG 
 Our own files hold only plain types and tensors and are read with ``torch.load(weights_only=True)``: a crafted file
 cannot run code. DeepSpeed's ``engine/`` files are full pickles that DeepSpeed itself unpickles; load only checkpoints
 you trust (see README.md, "Reliability and safety").
+
+Why one file of ~450 lines: writing, finding, safely reading and resuming checkpoints (incl. DeepSpeed's
+universal format and its two workarounds) form one protocol; splitting it would separate what must change together.
 """
 
 from __future__ import annotations

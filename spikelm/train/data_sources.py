@@ -10,6 +10,9 @@ A *source* is one of
 Documents are loaded with ``datasets`` as a table with a single ``text`` column. The held-out split is made of whole
 documents, chosen by a hash of each document's text, so it is deterministic, independent of file order, identical
 in map-style and streaming mode, and never puts two copies of one text on different sides.
+
+Why one file of ~450 lines: the ``data:``/``tokenizer:`` sections, source resolution, document loading and the
+held-out rule must agree exactly (the split decides every cache key), so they are kept together.
 """
 
 from __future__ import annotations

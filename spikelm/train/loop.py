@@ -2,6 +2,10 @@
 
 ``train`` runs one rank of the job (the command in ``spikelm.commands.train`` launches the ranks). Everything a run
 writes lives in its run directory: ``recipe.yaml``, ``metrics.jsonl``, ``tb/``, ``checkpoints/``, ``export/``.
+
+Why one file of ~450 lines: the loop and its named pieces (``setup``, ``train_step``, ``flush``, ``evaluate``,
+``save``, ``finish``) share one ``Run`` and are read together; reporting lives in ``metrics.py``, the export in
+``export.py``, starting from a model and distillation in ``start.py``.
 """
 
 from __future__ import annotations
@@ -10,20 +14,17 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from spikelm.errors import SpikeLMError
-from spikelm.measure.sparsity import SparsityMonitor
+from spikelm.model.modeling import lm_cross_entropy
 from spikelm.train.checkpoint import (
     check_model_shape,
     find_latest_checkpoint,
@@ -34,6 +35,8 @@ from spikelm.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from spikelm.train.export import export
+from spikelm.train.metrics import MetricsLog, Throughput, sparsity_monitor, sparsity_summary, unigram_entropy
 from spikelm.train.recipe import Recipe
 from spikelm.train.schedule import lr_at
 from spikelm.train.start import distill_loss, export_config, load_initial_weights, load_teacher
@@ -44,11 +47,6 @@ class TrainingDiverged(SpikeLMError):
 
 
 # ------------------------------------------------------------------------------------------------ pieces
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; ``logits`` ``[B, T, V]`` (reduced in fp32), ``targets`` ``[B, T]``."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -62,41 +60,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
             continue
         (decay if param.dim() >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class MetricsLog:
-    """``metrics.jsonl`` (one JSON object per row) and TensorBoard scalars, written by rank 0 only."""
-
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, resume_step: int) -> None:
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if not enabled:
-            return
-        if self.path.exists():
-            # Rows written after the checkpoint we resume from describe steps that will be re-run: drop them.
-            rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [r for r in rows if json.loads(r).get("step", 0) <= resume_step]
-            self.path.write_text("".join(r + "\n" for r in kept))
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
-
-    def write(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            prefix = row.get("kind", "train")
-            for key, value in row.items():
-                if isinstance(value, int | float) and not isinstance(value, bool) and key not in ("step", "time"):
-                    self.tb.add_scalar(f"{prefix}/{key}", value, row["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 class StopSignal:
@@ -122,61 +85,11 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-class Throughput:
-    """Training tokens per second between logging steps, with pauses (evaluation) left out."""
-
-    def __init__(self, tokens_seen: int) -> None:
-        self.last_time, self.last_tokens = time.perf_counter(), tokens_seen
-
-    def restart(self) -> None:
-        self.last_time = time.perf_counter()
-
-    def tokens_per_s(self, tokens_seen: int) -> float:
-        now = time.perf_counter()
-        rate = (tokens_seen - self.last_tokens) / max(now - self.last_time, 1e-9)
-        self.last_time, self.last_tokens = now, tokens_seen
-        return rate
-
-
-def _sparsity_monitor(model: torch.nn.Module) -> Any:
-    """A ``SparsityMonitor(model)``, or ``None`` if it cannot watch this model (training never needs it)."""
-    try:
-        return SparsityMonitor(model)
-    except Exception as err:  # a monitor problem must not stop training
-        print(f"spikelm train: sparsity monitor unavailable ({err})", file=sys.stderr)
-        return None
-
-
-def _sparsity_summary(monitor: Any) -> dict[str, Any]:
-    """Whole-model and per-layer zero fraction of the spike counts seen by ``monitor`` (empty if unavailable)."""
-    try:
-        report = monitor.report().to_dict()
-        total = report["total"]["zero_fraction"]
-        layers = {layer["name"]: layer["zero_fraction"] for layer in report.get("layers", [])}
-    except Exception as err:  # the monitor is optional; never let it stop training
-        print(f"spikelm train: no sparsity report ({type(err).__name__}: {err})", file=sys.stderr)
-        return {}
-    return {"zero_fraction": float(total), "layer_zero_fraction": layers}
-
-
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor | None:
     """Norm of the full gradients held in ``.grad`` (ZeRO 0, where DeepSpeed does not record the norm), on the
     device (``flush`` reads it back)."""
     grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
     return torch.stack(grads).norm() if grads else None
-
-
-def unigram_entropy(blocks: Any, vocab_size: int, max_tokens: int = 10_000_000) -> float | None:
-    """Entropy in nats of the token frequencies of (the first ``max_tokens`` of) a map-style split, else ``None``.
-
-    The loss of a model that ignores context entirely; a model that learns anything beats it.
-    """
-    tokens = getattr(blocks, "tokens", None)
-    if tokens is None:
-        return None
-    counts = torch.bincount(torch.from_numpy(tokens[:max_tokens].astype("int64")), minlength=vocab_size).double()
-    probs = counts[counts > 0] / counts.sum()
-    return float(-(probs * probs.log()).sum())
 
 
 def _sample(model: Any, tokenizer: Any, prompt: str, new_tokens: int, seed: int, device: torch.device) -> str:
@@ -453,7 +366,7 @@ def _loss(run: Run, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.
     inputs, targets = batch[:, :-1], batch[:, 1:]
     logits = run.engine(input_ids=inputs).logits
     if run.teacher is None:
-        return lm_loss(logits, targets), {}
+        return lm_cross_entropy(logits, targets), {}
     with torch.no_grad():
         teacher_logits = run.teacher(input_ids=inputs, use_cache=False).logits
     loss, ce, kl = distill_loss(logits, teacher_logits, targets, run.recipe.distill.alpha,
@@ -468,12 +381,12 @@ def evaluate(run: Run, *, write: Any = print) -> dict[str, Any]:
 
     engine, recipe = run.engine, run.recipe
     engine.eval()
-    monitor = _sparsity_monitor(engine.module)
+    monitor = sparsity_monitor(engine.module)
     with monitor if monitor is not None else contextlib.nullcontext():
         result = evaluate_lm(engine, run.eval_batches, run.tokenizer, device=run.device)
     row: dict[str, Any] = {"kind": "eval", "step": run.step, **result.to_dict()}
     if monitor is not None:
-        row.update(_sparsity_summary(monitor))
+        row.update(sparsity_summary(monitor))
     if recipe.eval.sample_prompt and recipe.eval.sample_tokens:
         # Every rank generates (ZeRO-3 gathers parameters collectively); rank 0 prints.
         row["sample"] = _sample(engine.module, run.tokenizer, recipe.eval.sample_prompt, recipe.eval.sample_tokens,
@@ -555,53 +468,5 @@ def _recipe_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = ""
     return changes
 
 
-def fp32_state_dict(engine: Any, *, rank: int) -> dict[str, torch.Tensor] | None:
-    """The model's full fp32 weights on rank 0 (``None`` elsewhere); collective under ZeRO and bf16.
-
-    Where DeepSpeed keeps fp32 master weights (bf16 training, ZeRO 1-3) these are the masters, gathered from their
-    partitions, not the bf16 copies the forward pass uses: exporting those would round every weight to 8 bits of
-    mantissa. Without a master copy (fp32, ZeRO 0) the parameter itself is the fp32 weight.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    masters: dict[int, torch.Tensor] = {}
-    state_dict: dict[str, torch.Tensor] = {}
-    # Every rank walks the same parameters in the same order: each gather is a collective. Tied names share one.
-    for name, param in engine.module.named_parameters(remove_duplicate=False):
-        if id(param) not in masters:
-            master = safe_get_full_fp32_param(param)
-            masters[id(param)] = (param.detach() if master is None else master).float().cpu()
-        state_dict[name] = masters[id(param)]
-    for name, buffer in engine.module.named_buffers():
-        state_dict[name] = buffer.detach().float().cpu()
-    return state_dict if rank == 0 else None
-
-
-def export(engine: Any, tokenizer: Any, run_dir: Path, *, rank: int) -> Path:
-    """Write ``run_dir/export`` (fp32 master weights as safetensors + tokenizer) atomically; collective."""
-    state_dict = fp32_state_dict(engine, rank=rank)
-    final = run_dir / "export"
-    if rank == 0:
-        tmp = run_dir / ".export.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        module = engine.module
-        module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        # The weights are saved in fp32 even after bf16 training; say so, or Auto classes would load them as bf16.
-        config_path = tmp / "config.json"
-        saved_config = json.loads(config_path.read_text())
-        for key in ("dtype", "torch_dtype"):
-            if key in saved_config:
-                saved_config[key] = "float32"
-        config_path.write_text(json.dumps(saved_config, indent=2, sort_keys=True) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
-    return final
-
-
-__all__ = ["train", "setup", "train_step", "evaluate", "save", "finish", "Run", "export", "fp32_state_dict",
-           "unigram_entropy", "lm_loss", "param_groups", "TrainingDiverged"]
+__all__ = ["train", "setup", "train_step", "flush", "evaluate", "save", "finish", "Run", "param_groups",
+           "TrainingDiverged"]

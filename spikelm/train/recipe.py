@@ -7,6 +7,9 @@ and combinations are checked by each section's ``__post_init__`` and by :meth:`R
 The ``data:`` and ``tokenizer:`` sections are :class:`spikelm.train.data_sources.DataConfig` /
 :class:`spikelm.train.data_sources.TokenizerConfig`;
 the ``model:`` section is a ``preset`` plus any :class:`~spikelm.model.config.SpikeLMConfig` field as an override.
+
+Why one file of ~600 lines: every recipe section (a small dataclass with its checks) and the one validator that
+reads them, so that a key path (``optim.lr``) and its rule are found in one place.
 """
 
 from __future__ import annotations
