@@ -4,6 +4,9 @@ The lock is an ``flock`` on ``RUN_DIR/.lock``, taken by the ``spikelm train`` pr
 process, or the launcher of a multi-process run) and held until it exits. The kernel drops an ``flock`` when its
 holder dies, however it dies, so a lock file left behind by a killed run is stale and simply taken over: the PID
 written in it only serves the error message of a refused second run.
+This lock uses ``fcntl.flock`` directly rather than ``filelock`` (as the caches do, ``dist.file_lock``): the holder
+writes its PID through the locked descriptor and a refused run reads it back through its own, which ``filelock``'s
+API does not expose. Training needs Linux (DeepSpeed's launchers) anyway.
 """
 
 from __future__ import annotations
