@@ -89,7 +89,8 @@ def test_hostfile_goes_through_the_deepspeed_launcher(tmp_path, corpus, monkeypa
     import spikelm.commands.train as train_command
 
     calls = []
-    monkeypatch.setattr(train_command.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    monkeypatch.setattr(train_command, "_run_forwarding_signals",
+                        lambda cmd, env, to_ranks: calls.append((cmd, env)) or (0, None))
     monkeypatch.delenv("SPIKELM_LAUNCHED", raising=False)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node1 slots=8\nnode2 slots=8\n")

@@ -91,6 +91,20 @@ def test_heldout_batches_are_deterministic_equal_per_rank_and_disjoint():
         heldout_batches([], 2, 1)
 
 
+def test_heldout_batches_score_each_block_at_most_once():
+    # 10 blocks, micro batch 1, 8 batches asked on 2 ranks: only 5 per rank exist; none may come twice.
+    blocks = [torch.full((5,), i) for i in range(10)]
+    ranks = [heldout_batches(blocks, 1, 8, rank=r, world_size=2) for r in range(2)]
+    assert [len(r) for r in ranks] == [5, 5]
+    seen = [i for r in ranks for b in r for i in b[:, 0].tolist()]
+    assert sorted(seen) == list(range(10))
+    # One rank, 4 blocks per batch: two batches (blocks 0-7); the last two blocks do not fill a batch.
+    one = heldout_batches(blocks, 4, 8)
+    assert [b[:, 0].tolist() for b in one] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with pytest.raises(SpikeLMError, match="fewer than the 4 ranks"):
+        heldout_batches(blocks[:3], 1, 1, world_size=4)
+
+
 def test_blocks_from_text_overlap_by_one_token():
     tokenizer = lambda text, add_special_tokens=False: {"input_ids": list(range(len(text)))}  # noqa: E731
     blocks = blocks_from_text("x" * 10, tokenizer, block_size=4)

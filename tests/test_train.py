@@ -133,14 +133,14 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
                                                                            capsys):
     import spikelm.train.loop as training
 
-    real_loss, calls = training.lm_loss, {"n": 0}
+    real_loss, calls = training.lm_cross_entropy, {"n": 0}
 
     def poisoned_loss(logits, targets):
         calls["n"] += 1
         loss = real_loss(logits, targets)
         return loss * float("nan") if calls["n"] == 6 else loss  # the 6th micro step = step 6
 
-    monkeypatch.setattr(training, "lm_loss", poisoned_loss)
+    monkeypatch.setattr(training, "lm_cross_entropy", poisoned_loss)
     recipe = write_tiny_recipe(tmp_path, corpus, train={"max_steps": 10}, checkpoint={"every_steps": 4})
     out = tmp_path / "run"
     assert train_cli(recipe, out, cache) == 2

@@ -20,6 +20,9 @@ walks the chunks in reverse carrying ``dL/dS`` (storing the gradient of every ch
 state's), and ``_chunk_bwd_kernel`` (parallel over chunks) forms the state-path gradients of r, k and v. The bonus
 terms and dw (from two reverse cumulative sums) are shared with the fused-recurrent path:
 see ``fused_recurrent.combine_state_grads``.
+
+Why one file of ~420 lines: the chunked forward and backward kernels, their launchers and the autograd Function
+share the tiling constants and the chunk-state layout (fla keeps each chunked op in one file too).
 """
 
 from __future__ import annotations

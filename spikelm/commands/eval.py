@@ -8,8 +8,10 @@ from pathlib import Path
 
 import torch
 
+from spikelm.commands.model_dir import check_model_dir, load_model
 from spikelm.errors import SpikeLMError
 from spikelm.measure.evaluation import blocks_from_text, evaluate_lm
+from spikelm.train.data_sources import read_utf8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,27 +35,30 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.model_dir.is_dir():
         raise SpikeLMError(f"model directory {str(args.model_dir)!r} does not exist; pass e.g. runs/<name>/export")
-    if args.tokens < 1 or args.batch_size < 1:
-        raise SpikeLMError("--tokens and --batch-size must be >= 1")
+    for name in ("tokens", "batch_size", "block_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SpikeLMError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
+    check_model_dir(args.model_dir)
     block_size = args.block_size
     if args.recipe is not None:
         from spikelm.train.data_sources import heldout_text
         from spikelm.train.recipe import load_recipe
 
         recipe = load_recipe(args.recipe)
-        block_size = block_size or recipe.train.block_size
+        block_size = recipe.train.block_size if block_size is None else block_size
         # ~4 characters per token is generous for BPE on English; --tokens cuts the exact amount afterwards.
         text = heldout_text(recipe.data, max_chars=args.tokens * 8)
     else:
         if not args.text.is_file():
             raise SpikeLMError(f"--text {str(args.text)!r} does not exist")
-        text = args.text.read_text(encoding="utf-8")
-    block_size = block_size or 256
+        text = read_utf8(args.text, "--text")
+    block_size = 256 if block_size is None else block_size
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     except (OSError, ValueError) as err:
         raise SpikeLMError(f"no tokenizer in {str(args.model_dir)!r}: {err}") from err
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir).eval()
+    model = load_model(args.model_dir, AutoModelForCausalLM.from_pretrained).eval()
     if len(tokenizer) > model.config.vocab_size:
         raise SpikeLMError(f"the tokenizer in {str(args.model_dir)!r} has {len(tokenizer)} tokens but the model's "
                            f"vocab_size is {model.config.vocab_size}; they must come from the same run")

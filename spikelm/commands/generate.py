@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from spikelm.commands.model_dir import check_model_dir, load_model
 from spikelm.errors import SpikeLMError
 
 
@@ -47,6 +48,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if not (model_dir / "config.json").is_file():
         raise SpikeLMError(f"{model_dir} has no config.json: not a saved model directory "
                            "(save one with model.save_pretrained(dir))")
+    check_model_dir(model_dir)  # a garbled config.json or truncated weights: one line naming the file
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     _check_arguments(args)
     hf_logging.disable_progress_bar()  # the streamed text is the output; no "Loading weights" bar in it
     tokenizer = load_tokenizer(args.model_dir)
-    model = SpikeLMForCausalLM.from_pretrained(str(args.model_dir))
+    model = load_model(args.model_dir, SpikeLMForCausalLM.from_pretrained)
     model.eval()
     model.set_event_decoding(args.event_decoding)
     vocab_size = model.config.vocab_size

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from spikelm.commands.model_dir import check_model_dir, load_model
 from spikelm.errors import SpikeLMError
 from spikelm.measure.energy import DEFAULT_ENERGY_TABLE, ENERGY_TABLES, EnergyTable, get_energy_table
 from spikelm.measure.report import SparsityReport
@@ -48,7 +49,9 @@ def _read_text(args: argparse.Namespace) -> str:
     if args.text is not None:
         if not args.text.is_file():
             raise SpikeLMError(f"--text {args.text}: no such file; give a UTF-8 text file of held-out text")
-        text = args.text.read_text(encoding="utf-8", errors="replace")
+        from spikelm.train.data_sources import read_utf8
+
+        text = read_utf8(args.text, "--text")
         origin = f"--text {args.text}"
     elif args.recipe is not None:
         if not args.recipe.is_file():
@@ -67,10 +70,7 @@ def _read_text(args: argparse.Namespace) -> str:
 
 
 def _load_model_and_tokenizer(model_dir: Path, device: torch.device) -> tuple[nn.Module, object]:
-    if not (model_dir / "config.json").is_file():
-        what = "does not exist" if not model_dir.exists() else "has no config.json"
-        raise SpikeLMError(f"model directory {model_dir} {what}; give a folder written by save_pretrained "
-                           "(e.g. the export/ folder of `spikelm train`)")
+    check_model_dir(model_dir)  # before the tokenizer, which reads config.json too and would take the blame
     from transformers import AutoModelForCausalLM
 
     import spikelm  # noqa: F401  (registers SpikeLM with the Auto classes)
@@ -80,7 +80,7 @@ def _load_model_and_tokenizer(model_dir: Path, device: torch.device) -> tuple[nn
         tokenizer = load_tokenizer(model_dir)
     except (OSError, ValueError) as err:
         raise SpikeLMError(f"no tokenizer could be loaded from {model_dir} ({err}); save it beside the model") from err
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    model = load_model(model_dir, AutoModelForCausalLM.from_pretrained).to(device).eval()
     return model, tokenizer
 
 

@@ -40,19 +40,22 @@ class EvalResult:
 
 def heldout_batches(blocks: Any, micro_batch_size: int, max_batches: int, *, rank: int = 0,
                     world_size: int = 1) -> list[torch.Tensor]:
-    """Deterministic evaluation batches ``[b, block_size + 1]`` of this rank, the first ``max_batches`` per rank.
+    """Deterministic evaluation batches ``[b, block_size + 1]`` of this rank: up to ``max_batches`` per rank.
 
-    Every rank gets the same number of batches (ZeRO-3 gathers parameters collectively inside forward, so ranks
-    must run the same number of forwards); together they cover distinct blocks when there are enough.
+    Every block is scored at most once: with fewer blocks than ``max_batches`` batches on every rank need, each rank
+    gets fewer batches (the result's ``tokens`` says how many were scored). Every rank gets the same number of batches
+    (ZeRO-3 gathers parameters collectively inside forward, so ranks must run the same number of forwards).
     """
     if len(blocks) == 0:
         raise SpikeLMError("the held-out split is empty; give the data more documents or raise data.heldout_fraction")
-    per_batch = max(1, min(micro_batch_size, len(blocks) // world_size or len(blocks)))
-    available = len(blocks) // per_batch
+    if len(blocks) < world_size:
+        raise SpikeLMError(f"the held-out split has {len(blocks)} block(s), fewer than the {world_size} ranks that "
+                           "evaluate it; give the data more documents or raise data.heldout_fraction")
+    per_batch = max(1, min(micro_batch_size, len(blocks) // world_size))
+    per_rank = min(max_batches, len(blocks) // per_batch // world_size)
     batches = []
-    for i in range(max_batches):
-        index = (i * world_size + rank) % max(1, available)
-        start = index * per_batch
+    for i in range(per_rank):
+        start = (i * world_size + rank) * per_batch
         batches.append(torch.stack([blocks[j] for j in range(start, start + per_batch)]))
     return batches
 

@@ -227,8 +227,12 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
             raise ValueError(f"attention_mask must be [B, >= T] = [{batch}, >= {length}] (1 = token, 0 = pad), "
                              f"got shape {tuple(attention_mask.shape)}")
-        mask = attention_mask[:, -length:].bool()
-        return None if bool(mask.all()) else mask
+        window = attention_mask[:, -length:]
+        # One host read for both checks: values other than 0/1 (e.g. a float score or 2) are refused, not cast.
+        invalid, all_real = torch.stack([((window != 0) & (window != 1)).any(), (window != 0).all()]).tolist()
+        if invalid:
+            raise ValueError(f"attention_mask values must be 0 (pad) or 1 (token), got {window.unique().tolist()[:8]}")
+        return None if all_real else window.bool()
 
 
 class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):

@@ -10,6 +10,9 @@ spike counts to its ``observers`` (the sparsity monitor). Four kinds, one per ``
 
 Padding: at positions where ``mask`` is False the input is zeroed before anything else, so a zero initial state
 stays zero and no neuron fires at a pad (left-padded batches then equal each prompt alone).
+
+Why one file of ~450 lines: the four neurons share the base class, the padding rule and the observer protocol the
+sparsity monitor relies on; the adaptive neuron's options (learned step, surrogate, resolution) are its largest part.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ A *source* is one of
 Documents are loaded with ``datasets`` as a table with a single ``text`` column. The held-out split is made of whole
 documents, chosen by a hash of each document's text, so it is deterministic, independent of file order, identical
 in map-style and streaming mode, and never puts two copies of one text on different sides.
+
+Why one file of ~450 lines: the ``data:``/``tokenizer:`` sections, source resolution, document loading and the
+held-out rule must agree exactly (the split decides every cache key), so they are kept together.
 """
 
 from __future__ import annotations
@@ -250,6 +253,52 @@ def _check_text_field(cfg: DataConfig, columns: list[str] | None, where: str) ->
         )
 
 
+def first_invalid_utf8(path: Path, chunk: int = 1 << 20) -> int | None:
+    """Byte offset of the first byte of ``path`` that is not valid UTF-8, or ``None`` if the whole file decodes."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(chunk)
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as err:
+                # err.start counts from the start of the decoder's buffer: the pending bytes of the last chunk + data
+                pending = len(err.object) - len(data)
+                return offset - pending + err.start
+            if not data:
+                return None
+            offset += len(data)
+
+
+def read_utf8(path: Path, what: str) -> str:
+    """The text of ``path``; a byte that is not UTF-8 raises ``SpikeLMError`` naming ``what``, the file and offset."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SpikeLMError(f"{what} {str(path)!r} is not UTF-8 text: invalid byte at offset "
+                           f"{first_invalid_utf8(path)}; convert it (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def _undecodable(files: list[str]) -> SpikeLMError | None:
+    """The error naming the first of ``files`` that is not UTF-8, with the byte offset (``None`` if all decode)."""
+    for file in files:
+        offset = first_invalid_utf8(Path(file))
+        if offset is not None:
+            return SpikeLMError(f"data file {file!r} is not UTF-8 text: invalid byte at offset {offset}; convert it "
+                                "(e.g. iconv -f latin1 -t utf-8) or remove it from data.source")
+    return None
+
+
+def undecodable_source(cfg: DataConfig) -> SpikeLMError | None:
+    """After a ``UnicodeDecodeError`` while reading ``cfg``'s documents (a stream reports it late, without a file
+    name): the error naming the local file and byte offset, or ``None`` when no local text file is at fault."""
+    resolved = resolve_source(cfg)
+    return _undecodable([str(p) for p in resolved.files]) if resolved.builder != "hub" else None
+
+
 def load_documents(cfg: DataConfig, *, streaming: bool, cache_dir: Path | None = None) -> Dataset | IterableDataset:
     """The source's documents as a ``datasets`` table with one ``text`` column (``IterableDataset`` when streaming).
 
@@ -284,6 +333,8 @@ def load_documents(cfg: DataConfig, *, streaming: bool, cache_dir: Path | None =
             ds = datasets.load_dataset(resolved.builder, data_files=files, split="train", streaming=streaming,
                                        **kwargs)
         except datasets.exceptions.DatasetGenerationError as err:
+            if isinstance(err.__cause__, UnicodeDecodeError) and (named := _undecodable(files)) is not None:
+                raise named from err
             raise SpikeLMError(f"data.source {cfg.source!r}: cannot read the files: {err.__cause__ or err}") from err
         where = f"{files[0]}" + (f" (and {len(files) - 1} more)" if len(files) > 1 else "")
     if resolved.builder == "text":

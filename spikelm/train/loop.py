@@ -2,6 +2,10 @@
 
 ``train`` runs one rank of the job (the command in ``spikelm.commands.train`` launches the ranks). Everything a run
 writes lives in its run directory: ``recipe.yaml``, ``metrics.jsonl``, ``tb/``, ``checkpoints/``, ``export/``.
+
+Why one file of ~450 lines: the loop and its named pieces (``setup``, ``train_step``, ``flush``, ``evaluate``,
+``save``, ``finish``) share one ``Run`` and are read together; reporting lives in ``metrics.py``, the export in
+``export.py``, starting from a model and distillation in ``start.py``.
 """
 
 from __future__ import annotations
@@ -10,20 +14,17 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from spikelm.errors import SpikeLMError
-from spikelm.measure.sparsity import SparsityMonitor
+from spikelm.model.modeling import lm_cross_entropy
 from spikelm.train.checkpoint import (
     check_model_shape,
     find_latest_checkpoint,
@@ -34,6 +35,8 @@ from spikelm.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from spikelm.train.export import export
+from spikelm.train.metrics import MetricsLog, Throughput, sparsity_monitor, sparsity_summary, unigram_entropy
 from spikelm.train.recipe import Recipe
 from spikelm.train.schedule import lr_at
 from spikelm.train.start import distill_loss, export_config, load_initial_weights, load_teacher
@@ -44,11 +47,6 @@ class TrainingDiverged(SpikeLMError):
 
 
 # ------------------------------------------------------------------------------------------------ pieces
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; ``logits`` ``[B, T, V]`` (reduced in fp32), ``targets`` ``[B, T]``."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -62,41 +60,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
             continue
         (decay if param.dim() >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class MetricsLog:
-    """``metrics.jsonl`` (one JSON object per row) and TensorBoard scalars, written by rank 0 only."""
-
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, resume_step: int) -> None:
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if not enabled:
-            return
-        if self.path.exists():
-            # Rows written after the checkpoint we resume from describe steps that will be re-run: drop them.
-            rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [r for r in rows if json.loads(r).get("step", 0) <= resume_step]
-            self.path.write_text("".join(r + "\n" for r in kept))
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
-
-    def write(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            prefix = row.get("kind", "train")
-            for key, value in row.items():
-                if isinstance(value, int | float) and not isinstance(value, bool) and key not in ("step", "time"):
-                    self.tb.add_scalar(f"{prefix}/{key}", value, row["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 class StopSignal:
@@ -122,61 +85,11 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-class Throughput:
-    """Training tokens per second between logging steps, with pauses (evaluation) left out."""
-
-    def __init__(self, tokens_seen: int) -> None:
-        self.last_time, self.last_tokens = time.perf_counter(), tokens_seen
-
-    def restart(self) -> None:
-        self.last_time = time.perf_counter()
-
-    def tokens_per_s(self, tokens_seen: int) -> float:
-        now = time.perf_counter()
-        rate = (tokens_seen - self.last_tokens) / max(now - self.last_time, 1e-9)
-        self.last_time, self.last_tokens = now, tokens_seen
-        return rate
-
-
-def _sparsity_monitor(model: torch.nn.Module) -> Any:
-    """A ``SparsityMonitor(model)``, or ``None`` if it cannot watch this model (training never needs it)."""
-    try:
-        return SparsityMonitor(model)
-    except Exception as err:  # a monitor problem must not stop training
-        print(f"spikelm train: sparsity monitor unavailable ({err})", file=sys.stderr)
-        return None
-
-
-def _sparsity_summary(monitor: Any) -> dict[str, Any]:
-    """Whole-model and per-layer zero fraction of the spike counts seen by ``monitor`` (empty if unavailable)."""
-    try:
-        report = monitor.report().to_dict()
-        total = report["total"]["zero_fraction"]
-        layers = {layer["name"]: layer["zero_fraction"] for layer in report.get("layers", [])}
-    except Exception as err:  # the monitor is optional; never let it stop training
-        print(f"spikelm train: no sparsity report ({type(err).__name__}: {err})", file=sys.stderr)
-        return {}
-    return {"zero_fraction": float(total), "layer_zero_fraction": layers}
-
-
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor | None:
     """Norm of the full gradients held in ``.grad`` (ZeRO 0, where DeepSpeed does not record the norm), on the
     device (``flush`` reads it back)."""
     grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
     return torch.stack(grads).norm() if grads else None
-
-
-def unigram_entropy(blocks: Any, vocab_size: int, max_tokens: int = 10_000_000) -> float | None:
-    """Entropy in nats of the token frequencies of (the first ``max_tokens`` of) a map-style split, else ``None``.
-
-    The loss of a model that ignores context entirely; a model that learns anything beats it.
-    """
-    tokens = getattr(blocks, "tokens", None)
-    if tokens is None:
-        return None
-    counts = torch.bincount(torch.from_numpy(tokens[:max_tokens].astype("int64")), minlength=vocab_size).double()
-    probs = counts[counts > 0] / counts.sum()
-    return float(-(probs * probs.log()).sum())
 
 
 def _sample(model: Any, tokenizer: Any, prompt: str, new_tokens: int, seed: int, device: torch.device) -> str:
@@ -336,6 +249,11 @@ def setup(recipe: Recipe, run_dir: Path, *, resume: Path | None, no_resume: bool
               step=step, tokens_seen=tokens_seen, saved_step=step if checkpoint is not None else -1)
     if checkpoint is not None:
         run.say(f"resumed from {checkpoint} at step {step}")
+        changes = _recipe_changes(trainer_state.get("recipe", {}), recipe.to_dict())
+        if changes:  # allowed (e.g. a lower lr after a divergence), but never silent: logged in metrics.jsonl
+            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+            run.say(f"spikelm train: the recipe differs from the checkpoint's: {listed} (recorded in metrics.jsonl)")
+            run.metrics.write({"kind": "recipe_change", "step": step, "changes": changes, "time": time.time()})
     if init_from is not None:
         run.say(f"init.from: the tokenizer of {init_from} replaces the recipe's tokenizer section"
                 + ("" if checkpoint is not None else f"; weights loaded from {init_from}"))
@@ -359,6 +277,10 @@ def _describe(run: Run, train_blocks: Any, heldout_blocks: Any) -> None:
     run.say(f"global batch = {recipe.train.micro_batch_size} micro x {recipe.train.grad_accum} accum x "
             f"{run.world_size} ranks = {sequences} sequences = {run.tokens_per_step} tokens/step; {run.total_steps} "
             f"steps = {run.total_steps * run.tokens_per_step / 1e6:.2f}M tokens")
+    asked = recipe.tokenizer.vocab_size
+    if recipe.tokenizer.path is None and run.config.vocab_size < asked:
+        run.say(f"note: the tokenizer has {run.config.vocab_size} tokens, fewer than tokenizer.vocab_size={asked}: "
+                "the tokenizer's training text ran out of merges (more text: tokenizer.sample_chars or more data)")
     n_train = f"{len(train_blocks)} blocks" if hasattr(train_blocks, "__len__") else "streaming"
     run.say(f"train data: {n_train}; held-out: {len(heldout_blocks)} blocks; run directory: {run.run_dir}")
     entropy = unigram_entropy(train_blocks, run.config.vocab_size) if run.is_main else None
@@ -422,10 +344,12 @@ def flush(run: Run, *, grad_norm: Any = None, stop: bool = False, throughput: Th
     run.pending = []
     for row, loss in zip(rows, losses, strict=True):
         if not math.isfinite(loss):
+            kept = (f"the last good checkpoint (step {run.saved_step}) is kept" if run.saved_step >= 0 else
+                    "no checkpoint was written yet")
             raise TrainingDiverged(
                 f"the loss became {loss} at step {row['step']} (lr {row['lr']:.3g}); the run stopped at step "
-                f"{run.step} without saving anything after it. The last good checkpoint is kept; lower optim.lr or "
-                "raise optim.warmup_steps and resume")
+                f"{run.step} without saving anything after it; {kept}. Lower optim.lr or raise optim.warmup_steps "
+                "and run again")
         row["loss"] = run.last_loss = loss
     if throughput is not None and rows:  # a logging step: its row also gets throughput and gradient norm
         # Timed after the read-back, which waited for the device: the window holds the steps' whole work.
@@ -442,7 +366,7 @@ def _loss(run: Run, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.
     inputs, targets = batch[:, :-1], batch[:, 1:]
     logits = run.engine(input_ids=inputs).logits
     if run.teacher is None:
-        return lm_loss(logits, targets), {}
+        return lm_cross_entropy(logits, targets), {}
     with torch.no_grad():
         teacher_logits = run.teacher(input_ids=inputs, use_cache=False).logits
     loss, ce, kl = distill_loss(logits, teacher_logits, targets, run.recipe.distill.alpha,
@@ -457,19 +381,20 @@ def evaluate(run: Run, *, write: Any = print) -> dict[str, Any]:
 
     engine, recipe = run.engine, run.recipe
     engine.eval()
-    monitor = _sparsity_monitor(engine.module)
+    monitor = sparsity_monitor(engine.module)
     with monitor if monitor is not None else contextlib.nullcontext():
         result = evaluate_lm(engine, run.eval_batches, run.tokenizer, device=run.device)
     row: dict[str, Any] = {"kind": "eval", "step": run.step, **result.to_dict()}
     if monitor is not None:
-        row.update(_sparsity_summary(monitor))
+        row.update(sparsity_summary(monitor))
     if recipe.eval.sample_prompt and recipe.eval.sample_tokens:
         # Every rank generates (ZeRO-3 gathers parameters collectively); rank 0 prints.
         row["sample"] = _sample(engine.module, run.tokenizer, recipe.eval.sample_prompt, recipe.eval.sample_tokens,
                                 recipe.seed, run.device)
     engine.train()
     bpb = f"{result.bits_per_byte:.3f}" if result.bits_per_byte is not None else "n/a"
-    message = f"eval step {run.step}: loss {result.loss:.4f}  ppl {result.perplexity:.2f}  bits/byte {bpb}"
+    message = (f"eval step {run.step}: loss {result.loss:.4f}  ppl {result.perplexity:.2f}  bits/byte {bpb}  "
+               f"({result.tokens} held-out tokens)")
     if "zero_fraction" in row:
         message += f"  zero fraction {row['zero_fraction']:.3f}"
     if "sample" in row:
@@ -505,10 +430,13 @@ def finish(run: Run, stopped_by: str | None, *, write: Any = print) -> int:
                 "command again to resume.")
         run.metrics.close()
         return 130 if stopped_by == "signal" else 0
-    final_eval = evaluate(run, write=write)
+    logged = _logged_eval(run) if run.saved_step == run.step else None
+    if logged is not None:  # a rerun of a finished run: its final evaluation is in metrics.jsonl already
+        run.say(f"spikelm train: the run finished at step {run.step} already; nothing to train")
+    final_eval = logged or evaluate(run, write=write)
     if run.saved_step != run.step:
         save(run)
-    if run.recipe.export.enabled:
+    if run.recipe.export.enabled and not (logged is not None and (run.run_dir / "export").is_dir()):
         export_dir = export(run.engine, run.tokenizer, run.run_dir, rank=run.rank)
         run.say(f"exported the model and tokenizer to {export_dir}")
     run.metrics.close()
@@ -516,53 +444,29 @@ def finish(run: Run, stopped_by: str | None, *, write: Any = print) -> int:
     return 0
 
 
-def fp32_state_dict(engine: Any, *, rank: int) -> dict[str, torch.Tensor] | None:
-    """The model's full fp32 weights on rank 0 (``None`` elsewhere); collective under ZeRO and bf16.
-
-    Where DeepSpeed keeps fp32 master weights (bf16 training, ZeRO 1-3) these are the masters, gathered from their
-    partitions, not the bf16 copies the forward pass uses: exporting those would round every weight to 8 bits of
-    mantissa. Without a master copy (fp32, ZeRO 0) the parameter itself is the fp32 weight.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    masters: dict[int, torch.Tensor] = {}
-    state_dict: dict[str, torch.Tensor] = {}
-    # Every rank walks the same parameters in the same order: each gather is a collective. Tied names share one.
-    for name, param in engine.module.named_parameters(remove_duplicate=False):
-        if id(param) not in masters:
-            master = safe_get_full_fp32_param(param)
-            masters[id(param)] = (param.detach() if master is None else master).float().cpu()
-        state_dict[name] = masters[id(param)]
-    for name, buffer in engine.module.named_buffers():
-        state_dict[name] = buffer.detach().float().cpu()
-    return state_dict if rank == 0 else None
+def _logged_eval(run: Run) -> dict[str, Any] | None:
+    """The eval row of the current step in ``metrics.jsonl`` (rank 0 reads it; every rank learns whether it exists)."""
+    row = None
+    if run.is_main and run.metrics.path.is_file():
+        rows = [json.loads(line) for line in run.metrics.path.read_text().splitlines() if line.strip()]
+        row = next((r for r in reversed(rows) if r.get("kind") == "eval" and r.get("step") == run.step), None)
+    found = torch.tensor(float(row is not None), device=run.device)  # on the run's device: NCCL has no CPU tensors
+    if run.world_size > 1:
+        torch.distributed.all_reduce(found)
+    return (row or {"loss": float("nan")}) if found.item() > 0 else None
 
 
-def export(engine: Any, tokenizer: Any, run_dir: Path, *, rank: int) -> Path:
-    """Write ``run_dir/export`` (fp32 master weights as safetensors + tokenizer) atomically; collective."""
-    state_dict = fp32_state_dict(engine, rank=rank)
-    final = run_dir / "export"
-    if rank == 0:
-        tmp = run_dir / ".export.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        module = engine.module
-        module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        # The weights are saved in fp32 even after bf16 training; say so, or Auto classes would load them as bf16.
-        config_path = tmp / "config.json"
-        saved_config = json.loads(config_path.read_text())
-        for key in ("dtype", "torch_dtype"):
-            if key in saved_config:
-                saved_config[key] = "float32"
-        config_path.write_text(json.dumps(saved_config, indent=2, sort_keys=True) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
-    return final
+def _recipe_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> dict[str, list[Any]]:
+    """``{"optim.lr": [old, new], ...}``: the recipe fields that differ from a checkpoint's recipe."""
+    changes: dict[str, list[Any]] = {}
+    for key in sorted(set(saved) | set(now)):
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes.update(_recipe_changes(old, new, f"{prefix}{key}."))
+        elif old != new:
+            changes[f"{prefix}{key}"] = [old, new]
+    return changes
 
 
-__all__ = ["train", "setup", "train_step", "evaluate", "save", "finish", "Run", "export", "fp32_state_dict",
-           "unigram_entropy", "lm_loss", "param_groups", "TrainingDiverged"]
+__all__ = ["train", "setup", "train_step", "flush", "evaluate", "save", "finish", "Run", "param_groups",
+           "TrainingDiverged"]

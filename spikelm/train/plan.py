@@ -131,7 +131,7 @@ def forward_flops_per_token(model: nn.Module, config: SpikeLMConfig) -> float:
 def activation_bytes(model: nn.Module, config: SpikeLMConfig, micro_batch: int, block_size: int,
                      checkpointing: bool) -> float:
     """Bytes autograd keeps for backward from one training forward + loss of ``[micro_batch, block_size]``."""
-    from spikelm.train.loop import lm_loss
+    from spikelm.model.modeling import lm_cross_entropy
 
     saved: dict[int, int] = {}
 
@@ -149,7 +149,7 @@ def activation_bytes(model: nn.Module, config: SpikeLMConfig, micro_batch: int, 
     targets = torch.zeros(micro_batch, block_size, dtype=torch.long, device=weight.device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         logits = model(inputs_embeds=embeds, use_cache=False).logits
-        lm_loss(logits, targets)
+        lm_cross_entropy(logits, targets)
     return float(sum(saved.values()))
 
 

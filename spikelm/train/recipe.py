@@ -7,6 +7,9 @@ and combinations are checked by each section's ``__post_init__`` and by :meth:`R
 The ``data:`` and ``tokenizer:`` sections are :class:`spikelm.train.data_sources.DataConfig` /
 :class:`spikelm.train.data_sources.TokenizerConfig`;
 the ``model:`` section is a ``preset`` plus any :class:`~spikelm.model.config.SpikeLMConfig` field as an override.
+
+Why one file of ~600 lines: every recipe section (a small dataclass with its checks) and the one validator that
+reads them, so that a key path (``optim.lr``) and its rule are found in one place.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -94,12 +98,45 @@ class OptimConfig:
     """Steps of linear warmup from 0 to ``lr``."""
 
     def __post_init__(self) -> None:
+        for name in ("lr", "min_lr", "weight_decay", "eps"):
+            _check(math.isfinite(getattr(self, name)), f"optim.{name}", f"must be finite, got {getattr(self, name)}")
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _check(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must lie in [0, optim.lr={self.lr}], got {self.min_lr}")
         _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(all(0 <= b < 1 for b in self.betas), "optim.betas", f"both must lie in [0, 1), got {self.betas}")
         _check(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+
+
+# DeepSpeed config keys that typed recipe fields write (or the loop sets itself): a ``deepspeed.config`` entry for one
+# of them would contradict the field, the log and the checkpoint's record, so it is refused, naming the field to use.
+MANAGED_DEEPSPEED_KEYS = {
+    "train_batch_size": "train.micro_batch_size and train.grad_accum (x the world size)",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "train.grad_clip",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
+    "zero_optimization.offload_param": "deepspeed.offload_param",
+    "bf16.enabled": "precision",
+    "fp16.enabled": "precision",
+    "optimizer": "optim (the loop builds torch's AdamW itself)",
+    "scheduler": "optim (the loop sets the learning rate of every step itself)",
+    "activation_checkpointing": "deepspeed.activation_checkpointing",
+    "checkpoint.load_universal": "nothing: the loop sets it when a checkpoint needs re-partitioning",
+}
+
+
+def _managed_conflicts(config: dict[str, Any]) -> list[str]:
+    """``deepspeed.config`` keys (dotted) that :data:`MANAGED_DEEPSPEED_KEYS` reserves."""
+    found = []
+    for key in MANAGED_DEEPSPEED_KEYS:
+        node: Any = config
+        for part in key.split("."):
+            node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+        if node is not KeyError:
+            found.append(key)
+    return found
 
 
 @dataclass
@@ -123,6 +160,9 @@ class DeepSpeedSection:
                "needs deepspeed.zero_stage >= 1")
         _check(not self.offload_param or self.zero_stage == 3, "deepspeed.offload_param",
                "needs deepspeed.zero_stage: 3")
+        for key in _managed_conflicts(self.config):
+            raise ValueError(f"deepspeed.config.{key}: conflicts with {MANAGED_DEEPSPEED_KEYS[key]}, which sets it; "
+                             f"set that instead and remove deepspeed.config.{key}")
 
 
 @dataclass
@@ -146,7 +186,7 @@ class EvalSection:
     every_steps: int = 100
     """Evaluate every this many steps and at the end (0: only at the end)."""
     max_batches: int = 8
-    """Held-out micro batches per evaluation."""
+    """Held-out micro batches per rank per evaluation, at most: each held-out block is scored at most once."""
     sample_prompt: str = "ROMEO:"
     """Prompt of the sample printed at each evaluation ("" disables sampling)."""
     sample_tokens: int = 48
@@ -292,8 +332,8 @@ class Recipe:
     init: InitSection = field(default_factory=InitSection)
 
     def __post_init__(self) -> None:
-        _check(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got "
-               f"{self.name!r}")
+        _check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
+               f"must be a non-empty name without '/' (nor '.' or '..'), got {self.name!r}")
         _check(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
         context = self.model.overrides.get("context_length")
         _check(context is None or context >= self.train.block_size, "model.context_length",
