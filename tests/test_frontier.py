@@ -279,3 +279,19 @@ def test_empty_points_with_a_variant_runs_only_the_variant(tmp_path, capsys):
     code = frontier.main(["--out", str(tmp_path / "v"), "--points", "", "--variant", "x=adaptive-k0.4 model.y=1",
                           "--recipe", str(tmp_path / "missing.yaml")])
     assert code == 2 and "--recipe" in capsys.readouterr().err  # got past the points: only the variant is left
+
+
+def test_combine_over_budget_roots_names_a_point_trained_otherwise(budget_sweep, tmp_path, capsys):
+    """A seed's sweep whose point trained with another neuron config (e.g. pinned after a recipe edit) is named."""
+    import shutil
+
+    other = tmp_path / "seed1"
+    shutil.copytree(budget_sweep, other)
+    config_path = other / "steps-2" / "adaptive-k3" / "export" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["adaptive_resolution"] = 4
+    config_path.write_text(json.dumps(config))
+    assert frontier.main(["--combine", str(budget_sweep), str(other)]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Note:")]
+    assert notes == ["Note: adaptive-k3 at 2 steps was not trained with the same neuron config in every root "
+                     "(adaptive_resolution 1 / 4); its mean mixes two models."]

@@ -693,10 +693,30 @@ def parse_budgets(text: str | None) -> list[int | None]:
     return budgets
 
 
+def budget_config_notes(roots: list[Path]) -> list[str]:
+    """A note per (point, budget) whose exported neuron config differs between the roots (e.g. a seed's sweep
+    pinned after a recipe edit): their mean would mix two models."""
+    notes = []
+    budgets = sorted({budget for root in roots for budget in budget_dirs(root)})
+    for budget in budgets:
+        dirs = [root / f"steps-{budget}" for root in roots if (root / f"steps-{budget}").is_dir()]
+        names = sorted({path.parent.name for d in dirs for path in d.glob("*/point.json")})
+        for name in names:
+            configs = [neuron_config(d / name) for d in dirs if (d / name / "point.json").is_file()]
+            differing = [key for key in configs[0] if len({json.dumps(c.get(key)) for c in configs}) > 1]
+            if differing:
+                values = ", ".join(f"{key} {' / '.join(str(c.get(key)) for c in configs)}" for key in differing)
+                notes.append(f"Note: {name} at {budget} steps was not trained with the same neuron config in every "
+                             f"root ({values}); its mean mixes two models.")
+    return notes
+
+
 def _combine(args: argparse.Namespace) -> None:
     if any(budget_dirs(root) for root in args.combine):
         summary = budget_summary(args.combine)
         print(budget_table(summary), end="")
+        for note in budget_config_notes(args.combine):
+            print("\n" + note)
         if args.plot is not None:
             plot_budgets(summary, args.plot)
             print(f"wrote {args.plot}")
