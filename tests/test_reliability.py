@@ -448,6 +448,14 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
+def _survivors(pids: set[int], seconds: float) -> list[int]:
+    """The processes of ``pids`` still alive after waiting up to ``seconds`` for all of them to end."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
 def _alive(pid: int) -> bool:
     try:
         state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -497,10 +505,7 @@ def test_a_signal_to_the_launcher_stops_every_rank_and_the_run_resumes_exactly(t
         holder = int((out / LOCK).read_text().split()[1])
         assert holder in ranks  # rank 0 holds the run directory, so the lock outlives a killed launcher
         os.kill(proc.pid, signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
-        deadline = time.time() + 30
-        while time.time() < deadline and any(_alive(p) for p in ranks):
-            time.sleep(0.1)
-        assert not [p for p in ranks if _alive(p)], f"ranks outlived the launcher:\n{_log(out)}"
+        assert not _survivors(ranks, 30), f"ranks outlived the launcher:\n{_log(out)}"
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
@@ -557,10 +562,8 @@ def test_deepspeed_launcher_ranks_stop_with_one_signal_and_never_outlive_the_lau
         _wait_for_step(out, proc)
         everything = _descendants(proc.pid)
         os.kill(proc.pid, signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
-        deadline = time.time() + 90  # generous: a loaded 2-core machine; orphans would run for hours
-        while time.time() < deadline and any(_alive(p) for p in everything):
-            time.sleep(0.1)
-        assert not [p for p in everything if _alive(p)], f"processes outlived the launcher:\n{_log(out)}"
+        # generous: a loaded 2-core machine; orphans would run for hours
+        assert not _survivors(everything, 90), f"processes outlived the launcher:\n{_log(out)}"
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:

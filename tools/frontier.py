@@ -181,6 +181,18 @@ def write_text_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, write atomically as PNG (a reader never sees half a plot) and close ``fig``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -449,12 +461,7 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path, *, goal_sparsity: floa
         ax.set_title(f"goal (shaded): sparsity >= {goal_sparsity:.0%}, bits/byte within {goal_bpb:.0%} of the dense "
                      "twin", fontsize=9)
         ax_energy.set_title("blue: adaptive neuron, k = threshold divisor; black: dense twin", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -627,12 +634,7 @@ def plot_budgets(summary: list[dict[str, Any]], path: Path, *, goal_bpb: float =
         axis.set_xlabel("training tokens")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spikelm.errors import SpikeLMError
+from spikelm.train.checkpoint import atomic_write_text
 from spikelm.train.data_sources import (
     DataConfig,
     TokenizerConfig,
@@ -155,9 +156,7 @@ def _prepare_cached(tok_cfg: TokenizerConfig, data_cfg: DataConfig, cache_dir: P
 
     final = build_once(root, key, build, ready=lambda path: (path / CACHE_META).is_file())
     # The pointer is replaced atomically, so a reader sees the old one, the new one or none (then reads the sample).
-    staged = pointer.with_name(f".{pointer.name}.{os.getpid()}")
-    staged.write_text(json.dumps({"key": key, "source": data_cfg.source}))
-    os.replace(staged, pointer)
+    atomic_write_text(pointer, json.dumps({"key": key, "source": data_cfg.source}))
     return _load(final)
 
 
