@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     check_model_dir(args.model_dir)
     block_size = args.block_size
     if args.recipe is not None:
-        from spikelm.train.data_sources import heldout_text
+        from spikelm.train.stream import heldout_text
         from spikelm.train.recipe import load_recipe
 
         recipe = load_recipe(args.recipe)
