@@ -210,6 +210,8 @@ class DocumentStream:
         self.kind = reader_kind(cfg)
         self.identity = stream_identity(cfg)
         self.key = identity_key(self.identity)
+        # The files as they are now: one that vanishes later is an error naming it, not a silently smaller stream.
+        self.shards = local_shards(cfg, self.kind, world_size) if self.kind is not None else []
 
     # -- the ordered stream of this rank: (text, cursor after it)
 
@@ -226,7 +228,7 @@ class DocumentStream:
             return
         import datasets
 
-        shards = local_shards(self.cfg, self.kind, self.world_size)
+        shards = [list(shard) for shard in self.shards]
         if self.shuffle:  # the shard order of this epoch; documents are shuffled in windows on top
             random.Random(f"shards-{self.seed}-{epoch}").shuffle(shards)
         if cursor is not None:  # finished shards emptied (never opened), the current one from its offset
