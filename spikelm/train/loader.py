@@ -57,7 +57,7 @@ class _RankBatches:
     def __next__(self) -> torch.Tensor:
         if not self.prefetch:
             return self._produce()
-        if self._prefetcher is None or not self._prefetcher.alive:
+        if self._prefetcher is None:
             self._consumed = self._position()
             self._prefetcher = Prefetcher(lambda: (self._produce(), self._position()), self.prefetch)
         try:
@@ -202,10 +202,14 @@ class StreamLoader(_RankBatches):
             if self._docs is None:
                 self._docs = self.stream.documents(self.epoch, self.position)
             texts, position = [], self.position
-            for text, position in self._docs:
-                texts.append(text)
-                if len(texts) == ENCODE_BATCH:
-                    break
+            try:
+                for text, position in self._docs:
+                    texts.append(text)
+                    if len(texts) == ENCODE_BATCH:
+                        break
+            except BaseException:
+                self._docs = None  # a retry reopens the stream at self.position, after the last tokenised document
+                raise
             if not texts:  # end of this rank's share: the next epoch starts, the carry-over tokens continue
                 if not read_this_pass and self.position is None:
                     raise SpikeLMError(
