@@ -203,8 +203,9 @@ class StreamLoader(_RankBatches):
                 self._docs = self.stream.documents(self.epoch, self.position)
             texts, position = [], self.position
             try:
-                for text, position in self._docs:
+                for text, after in self._docs:
                     texts.append(text)
+                    position = after  # the position after the last document taken
                     if len(texts) == ENCODE_BATCH:
                         break
             except BaseException:
@@ -260,7 +261,8 @@ class StreamLoader(_RankBatches):
 
 
 def batch_loader(blocks: TokenBlocks | StreamingBlocks, micro_batch_size: int, *, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, shuffle: bool = True, prefetch: int = 0) -> MapLoader | StreamLoader:
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 prefetch: int = 0) -> MapLoader | StreamLoader:
     """The loader of ``build_datasets``'s training split: ``StreamLoader`` for a stream, ``MapLoader`` otherwise;
     ``prefetch`` batches produced ahead in a background thread (0: in the caller's thread)."""
     loader = StreamLoader if isinstance(blocks, StreamingBlocks) else MapLoader

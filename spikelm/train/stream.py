@@ -262,8 +262,9 @@ class DocumentStream:
         size = self.cfg.shuffle_buffer
         while True:
             texts, end = [], cursor
-            for text, end in documents:
+            for text, after in documents:
                 texts.append(text)
+                end = after  # the cursor after the window's last document
                 if len(texts) == size:
                     break
             if not texts:
@@ -284,8 +285,8 @@ def stream_texts(cfg: DataConfig) -> Iterator[str]:
     if kind is None:
         yield from (row["text"] for row in load_documents(cfg, streaming=True) if row["text"])
         return
-    for _, path, start, end, size, kind in local_shards(cfg, kind, 1):
-        yield from (text for text, _ in read_range(path, start, end, size, kind, cfg.text_field) if text)
+    for _, path, start, end, size, shard_kind in local_shards(cfg, kind, 1):
+        yield from (text for text, _ in read_range(path, start, end, size, shard_kind, cfg.text_field) if text)
 
 
 def split_texts(cfg: DataConfig, split: str, cache_dir: Path) -> Iterator[str]:
