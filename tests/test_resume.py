@@ -142,3 +142,60 @@ def test_streaming_data_resumes_exactly(tmp_path, corpus, cache):
     expected, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
     assert sorted(resumed) == list(range(1, 7))
     assert [resumed[s] for s in range(1, 7)] == pytest.approx([expected[s] for s in range(1, 7)], rel=1e-6)
+
+
+def _two_file_source(directory: Path, corpus: Path, chars: int = 9_000) -> Path:
+    directory.mkdir(parents=True)
+    text = corpus.read_text(encoding="utf-8")
+    (directory / "a.txt").write_text(text[:chars], encoding="utf-8")
+    (directory / "b.txt").write_text(text[chars:2 * chars], encoding="utf-8")
+    return directory
+
+
+def _snapshot(run_dir: Path) -> dict[str, int]:
+    root = run_dir / "checkpoints"
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def test_a_streaming_resume_on_another_source_is_refused_leaving_the_checkpoint(tmp_path, corpus, cache, capsys):
+    source = _two_file_source(tmp_path / "src", corpus)
+    recipe = write_tiny_recipe(tmp_path, corpus, data={"source": str(source), "streaming": True},
+                               tokenizer={"sample_chars": 6_000})
+    out = tmp_path / "run"
+    assert train_cli(recipe, out, cache, "--stop-at-step", "3") == 0
+    before = _snapshot(out)
+    (source / "c.txt").write_text("More text arrives.\n\nAnd more.\n", encoding="utf-8")
+    capsys.readouterr()
+    assert train_cli(recipe, out, cache) == 2
+    err = capsys.readouterr().err.strip()
+    assert "data.source" in err and "step-00000003" in err and "Traceback" not in err and "\n" not in err
+    assert _snapshot(out) == before
+
+
+def test_a_stream_file_vanishing_mid_run_is_named_and_the_checkpoint_kept(tmp_path, corpus, cache, capsys,
+                                                                          monkeypatch):
+    from spikelm.train import loop
+
+    source = _two_file_source(tmp_path / "src", corpus, chars=4_000)  # a pass is ~30 steps
+    recipe = write_tiny_recipe(tmp_path, corpus, data={"source": str(source), "streaming": True},
+                               tokenizer={"sample_chars": 6_000}, train={"max_steps": 150},
+                               checkpoint={"every_steps": 5}, logging={"every_steps": 5})
+    real_save = loop.save
+    moved = tmp_path / "b.txt.away"
+
+    def save_then_lose_a_file(run):
+        real_save(run)
+        if not moved.exists():
+            (source / "b.txt").rename(moved)  # the next pass over the stream needs it
+
+    monkeypatch.setattr(loop, "save", save_then_lose_a_file)
+    out = tmp_path / "run"
+    assert train_cli(recipe, out, cache) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(source / "b.txt") in err and "cannot be read" in err and "\n" not in err
+    latest = find_latest_checkpoint(out)
+    assert (latest / COMPLETE).is_file()
+    monkeypatch.setattr(loop, "save", real_save)
+    moved.rename(source / "b.txt")  # restored: the run continues from its last checkpoint
+    assert train_cli(recipe, out, cache) == 0
+    assert max(r["step"] for r in read_metrics(out)) == 150

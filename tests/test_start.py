@@ -144,9 +144,10 @@ def test_the_loop_phases_spikes_in(dense_export, tmp_path):
     run = setup(load_recipe(path), tmp_path / "run", resume=None, no_resume=False, cache_dir=cache)
     neurons = [m for m in run.engine.module.modules() if isinstance(m, AdaptiveNeuron)]
     mixes = []
-    for _ in range(6):
-        train_step(run, with_grad_norm=False)
-        mixes.append(neurons[0].mix)
+    with run.loader:  # closes its prefetch thread
+        for _ in range(6):
+            train_step(run, with_grad_norm=False)
+            mixes.append(neurons[0].mix)
     assert mixes == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
     assert all(n.mix == mixes[-1] for n in neurons)
 

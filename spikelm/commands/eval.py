@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     check_model_dir(args.model_dir)
     block_size = args.block_size
     if args.recipe is not None:
-        from spikelm.train.data_sources import heldout_text
         from spikelm.train.recipe import load_recipe
+        from spikelm.train.stream import heldout_text
 
         recipe = load_recipe(args.recipe)
         block_size = recipe.train.block_size if block_size is None else block_size

@@ -56,8 +56,8 @@ def _read_text(args: argparse.Namespace) -> str:
     elif args.recipe is not None:
         if not args.recipe.is_file():
             raise SpikeLMError(f"--recipe {args.recipe}: no such file; give a recipe YAML such as recipes/*.yaml")
-        from spikelm.train.data_sources import heldout_text
         from spikelm.train.recipe import load_recipe
+        from spikelm.train.stream import heldout_text
 
         # ~16 characters per token is generous for any subword vocabulary; the token budget trims the rest.
         text = heldout_text(load_recipe(args.recipe).data, max_chars=16 * args.tokens)

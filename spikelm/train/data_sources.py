@@ -21,8 +21,7 @@ import glob
 import hashlib
 import importlib.util
 import os
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,9 +72,13 @@ class DataConfig:
     streaming_heldout_tokens: int = 1_000_000
     """Streaming mode: stop collecting held-out documents once this many held-out tokens are packed."""
     shuffle_buffer: int = 10_000
-    """Streaming mode with shuffling: documents in the shuffle buffer of ``datasets.IterableDataset.shuffle``."""
+    """Streaming mode with shuffling: training documents per shuffle window (``stream.DocumentStream``); a resume
+    re-reads at most one window."""
     num_proc: int = 1
     """Processes for tokenisation (``datasets.Dataset.map(num_proc=...)``)."""
+    prefetch_batches: int = 4
+    """Micro batches the loader produces ahead of the training step in a background thread (reading, tokenising
+    and packing a stream; gathering blocks map-style); 0 produces them in the training thread."""
     max_docs: int | None = None
     """Read only the first ``max_docs`` documents of the source (small runs and tests); ``None`` reads all."""
 
@@ -100,6 +103,9 @@ class DataConfig:
         _positive_int("data.streaming_heldout_tokens", self.streaming_heldout_tokens)
         _positive_int("data.shuffle_buffer", self.shuffle_buffer)
         _positive_int("data.num_proc", self.num_proc)
+        if isinstance(self.prefetch_batches, bool) or not isinstance(self.prefetch_batches, int) \
+                or self.prefetch_batches < 0:
+            raise ValueError(f"data.prefetch_batches: expected a non-negative integer, got {self.prefetch_batches!r}")
         _positive_int("data.max_docs", self.max_docs, allow_none=True)
         if self.max_docs is not None and self.max_docs < 2:
             raise ValueError(f"data.max_docs: need at least 2 documents (one train, one held-out), got {self.max_docs}")
@@ -422,19 +428,6 @@ def split_documents(ds: Dataset, cfg: DataConfig) -> tuple[list[int], list[int]]
     return train, heldout
 
 
-def split_texts(cfg: DataConfig, split: str, cache_dir: Path) -> Iterator[str]:
-    """The non-empty texts of ``split`` (``"train"`` or ``"heldout"``) in source order: by ``streamed_heldout`` when
-    ``data.streaming``, else by ``split_documents`` (the Arrow copy of local files goes to ``cache_dir``)."""
-    heldout = split == "heldout"
-    if cfg.streaming:
-        yield from (row["text"] for row in load_documents(cfg, streaming=True)
-                    if row["text"] and streamed_heldout(row["text"], cfg) == heldout)
-        return
-    ds = load_documents(cfg, streaming=False, cache_dir=cache_dir)
-    train_idx, heldout_idx = split_documents(ds, cfg)
-    yield from (row["text"] for row in ds.select(heldout_idx if heldout else train_idx) if row["text"])
-
-
 def take_chars(texts: Iterable[str], max_chars: int) -> list[str]:
     """The first documents of ``texts`` holding ``max_chars`` characters in all, the last one cut to fit."""
     taken: list[str] = []
@@ -445,18 +438,3 @@ def take_chars(texts: Iterable[str], max_chars: int) -> list[str]:
         if remaining <= 0:
             break
     return taken
-
-
-def heldout_text(cfg: DataConfig, max_chars: int) -> str:
-    """Up to ``max_chars`` characters of raw held-out text: the held-out documents in source order, blank-line joined.
-
-    The same split as the packed data (``split_texts``), for ``spikelm eval`` / ``spikelm sparsity --recipe``.
-    """
-    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars <= 0:
-        raise ValueError(f"max_chars: expected a positive integer, got {max_chars!r}")
-    # Map-style choice needs every document's hash; the Arrow copy goes to a temporary cache (no run dir here).
-    with tempfile.TemporaryDirectory(prefix="spikelm-heldout-") as tmp:
-        result = "\n\n".join(take_chars(split_texts(cfg, "heldout", Path(tmp)), max_chars))[:max_chars]
-    if not result.strip():
-        raise SpikeLMError(f"data.source {cfg.source!r} has no held-out text; raise data.heldout_fraction")
-    return result

@@ -148,6 +148,14 @@ def train(recipe: Recipe, run_dir: Path, *, resume: Path | None = None, no_resum
     from tqdm.auto import tqdm
 
     run = setup(recipe, run_dir, resume=resume, no_resume=no_resume, cache_dir=cache_dir)
+    try:
+        return _train_loop(run, stop_at_step, progress, tqdm)
+    finally:
+        run.loader.close()  # the prefetch thread, also on an error or a signal
+
+
+def _train_loop(run: Run, stop_at_step: int | None, progress: bool, tqdm: Any) -> int:
+    recipe = run.recipe
     bar = tqdm(total=run.total_steps, initial=run.step, disable=not (run.is_main and progress), unit="step",
                dynamic_ncols=True)
     throughput = Throughput(run.tokens_seen)
@@ -212,6 +220,10 @@ def setup(recipe: Recipe, run_dir: Path, *, resume: Path | None, no_resume: bool
     if checkpoint is not None:
         saved = read_trainer_state(checkpoint)
         check_model_shape(saved["model_config"], config.to_dict(), checkpoint)
+        if recipe.data.streaming and saved.get("world_size", world_size) != world_size:
+            raise SpikeLMError(f"checkpoint {checkpoint}: a streaming run resumes with the world size it was saved "
+                               f"with ({saved['world_size']} processes, this is {world_size}): each rank streams its "
+                               "own shards of the data")
         universal = needs_universal(saved, world_size, recipe.deepspeed.zero_stage)
         if universal:
             # A new world size or ZeRO stage: DeepSpeed re-partitions the state from its universal format.
@@ -229,13 +241,16 @@ def setup(recipe: Recipe, run_dir: Path, *, resume: Path | None, no_resume: bool
                                   eps=optim.eps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     loader = batch_loader(train_blocks, recipe.train.micro_batch_size, rank=rank, world_size=world_size,
-                          seed=recipe.seed)
+                          seed=recipe.seed, prefetch=recipe.data.prefetch_batches)
     step, tokens_seen = 0, 0
     if checkpoint is not None:
         trainer_state, rank_state = load_checkpoint(engine, checkpoint, rank=rank, world_size=world_size,
                                                     universal=universal)
         step, tokens_seen = trainer_state["step"], trainer_state["tokens_seen"]
-        loader.load_state_dict(rank_state["loader"])
+        try:
+            loader.load_state_dict(rank_state["loader"])
+        except SpikeLMError as err:  # nothing is written before this point: the checkpoint stays as it was
+            raise SpikeLMError(f"checkpoint {checkpoint}: {err}") from None
         set_rng_state(rank_state["rng"])
 
     run = Run(recipe=recipe, run_dir=run_dir, rank=rank, world_size=world_size, device=device, tokenizer=tokenizer,

@@ -8,8 +8,9 @@ files ``cache_dir/data/<hash>/{train,heldout}.bin`` with an ``index.json``. Bloc
 The hash covers the source files (paths, sizes, mtimes), the data settings, the tokenizer and the block size;
 anything else changing means a new directory, and a directory only ever appears complete (``dist.build_once``).
 
-Streaming (``data.streaming: true``): documents are read, tokenised and packed on the fly by the loader
-(``StreamingBlocks``, read by ``loader.StreamLoader``); only the held-out blocks are written to the cache.
+Streaming (``data.streaming: true``): documents are read (``stream.DocumentStream``), tokenised and packed on the
+fly by the loader (``StreamingBlocks``, read by ``loader.StreamLoader``); only the held-out blocks are written to the
+cache.
 """
 
 from __future__ import annotations
@@ -32,10 +33,9 @@ from spikelm.train.data_sources import (
     selection_fingerprint,
     source_fingerprint,
     split_documents,
-    split_texts,
-    streamed_heldout,
 )
 from spikelm.train.dist import build_once, rank_zero_first
+from spikelm.train.stream import split_texts
 from spikelm.train.tokenizer_cache import tokenizer_fingerprint
 
 if TYPE_CHECKING:
@@ -110,31 +110,25 @@ class TokenBlocks:
 class StreamingBlocks:
     """The training split of a streamed source, tokenised and packed on the fly by ``StreamLoader`` (no ``len``).
 
-    ``documents(epoch, skip)`` yields the training texts of one pass over the stream after skipping ``skip`` raw
-    documents (held-out ones count), each paired with the raw position of the document that follows it.
+    The documents come from ``stream.DocumentStream`` (one per loader, i.e. per rank); this object holds what the
+    packing needs: the recipe section, the tokenizer and its fingerprint (recorded in the loader's position).
     """
 
     def __init__(self, data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, block_size: int) -> None:
         self.data_cfg = data_cfg
         self.tokenizer = tokenizer
         self.block_size = block_size
+        self.tokenizer_key = tokenizer_fingerprint(tokenizer)
         self._eos = tokenizer.eos_token_id
-
-    def documents(self, *, epoch: int, skip: int, shuffle: bool, seed: int) -> Iterator[tuple[int, str]]:
-        """(raw documents consumed after this one, text) for every training document from raw position ``skip``."""
-        stream = load_documents(self.data_cfg, streaming=True)
-        if shuffle:
-            # A seeded buffer shuffle is a deterministic function of (seed, epoch), so skipping ``skip`` documents
-            # of the same shuffled stream resumes exactly.
-            stream = stream.shuffle(seed=seed + epoch, buffer_size=self.data_cfg.shuffle_buffer)
-        for position, row in enumerate(stream.skip(skip) if skip else stream, start=skip + 1):
-            text = row["text"]
-            if text and not streamed_heldout(text, self.data_cfg):
-                yield position, text
 
     def encode(self, text: str) -> list[int]:
         """A document's ids followed by eos."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self._eos]
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Each document's ids followed by eos (one batched call of the fast tokenizer)."""
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [ids + [self._eos] for ids in encoded]
 
     def __repr__(self) -> str:
         return f"StreamingBlocks({self.data_cfg.source!r}, block_size={self.block_size})"

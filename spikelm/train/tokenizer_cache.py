@@ -24,10 +24,10 @@ from spikelm.train.data_sources import (
     resolve_source,
     selection_fingerprint,
     source_fingerprint,
-    split_texts,
     take_chars,
 )
 from spikelm.train.dist import build_once, rank_zero_first
+from spikelm.train.stream import split_texts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
