@@ -370,43 +370,87 @@ def build_neuron(config: SpikeLMConfig, fan_out: int, channels: int | None = Non
 
 class Synapses(nn.Linear):
     """The weights behind a spike site: an ``nn.Linear`` (so LoRA and quantisation libraries wrap it like any other)
-    that can be event-driven.
+    that can be event-driven (docs/design.md, "Event-driven decoding").
 
-    With ``event_driven`` (``SpikeLMForCausalLM.set_event_decoding``), one-token calls without autograd read only the
-    synapses of inputs that fired: ``out[n] = sum over fired i of spikes[n, i] * W[:, i]``, a weighted gather of rows
-    of an input-major copy of the weight (``F.embedding_bag``). A decoding step reads every weight once from memory,
-    so at sizes where the weights do not fit in cache the step time falls with the fraction of zero spikes. The copy
-    costs the weight's memory again; it is rebuilt whenever the weight changes (another version, storage or dtype).
-    A write through ``weight.data`` bumps no version (peft's ``merge`` adds the adapter that way): after one, call
-    ``set_event_driven`` (``SpikeLMForCausalLM.set_event_decoding``) again to refresh the copy.
-    Results equal the dense product up to float summation order. Training and multi-token calls stay dense.
+    With ``event_driven`` (``SpikeLMForCausalLM.set_event_decoding``) and in eval mode, the weight is stored
+    input-major: the same ``[out, in]`` parameter with the same values, laid out as the transpose of a contiguous
+    ``[in, out]`` tensor (``weight.t()`` is then contiguous), so the model holds one copy of its weights, not two.
+    One-token calls without autograd on CPU then read only the synapses of inputs that fired:
+    ``out[n] = sum over fired i of spikes[n, i] * W[:, i]``, a weighted gather of rows of ``weight.t()``
+    (``F.embedding_bag``; one bag per batch row). A decoding step reads every weight once from memory, so at sizes
+    where the weights do not fit in cache the step time falls with the fraction of zero spikes.
+
+    Every other call (training, prompts, autograd on, CUDA, a weight that is not input-major because something
+    replaced it) takes ``nn.Linear``'s dense product on the same parameter: results equal the dense path up to float
+    summation order. ``train(True)`` restores the standard contiguous layout, ``train(False)`` re-applies the
+    event layout, and ``state_dict`` always gives contiguous ``[out, in]`` tensors, so saved files do not change.
     """
 
     event_driven = False
-    _input_major_key: tuple | None = None  # what the input-major weight copy was built from
 
     def set_event_driven(self, enabled: bool) -> None:
-        """Switch event-driven calls on or off; either way the input-major copy is dropped (rebuilt on next use)."""
+        """Switch event-driven calls on or off and lay the weight out to match (input-major only in eval mode)."""
         self.event_driven = enabled
-        self.__dict__.pop("_input_major", None)
-        self.__dict__.pop("_input_major_key", None)
+        self._lay_out(enabled and not self.training)
+
+    def is_input_major(self) -> bool:
+        """Whether ``weight.t()`` is contiguous (and the weight is not, so that the layout is unambiguous)."""
+        weight = self.weight
+        return (isinstance(weight, Tensor) and weight.dim() == 2 and weight.stride() == (1, weight.shape[0])
+                and weight.shape[0] > 1)
+
+    @torch.no_grad()
+    def _lay_out(self, input_major: bool) -> None:
+        weight = self.weight
+        if not isinstance(weight, nn.Parameter) or weight.device.type == "meta" or input_major == self.is_input_major():
+            return
+        with torch.inference_mode(False):  # also from inside inference_mode (auto mode decides on a first call)
+            data = weight.detach()
+            # ``.data =`` keeps the Parameter object (optimizers and wrappers hold it), replacing only its storage.
+            weight.data = data.t().contiguous().t() if input_major else data.contiguous()
+
+    def train(self, mode: bool = True) -> Synapses:
+        super().train(mode)
+        if self.event_driven:
+            self._lay_out(not mode)
+        return self
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "weight"
+        if not keep_vars and key in destination and not destination[key].is_contiguous():
+            destination[key] = destination[key].contiguous()  # the standard layout: saved files do not change
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, T, in]`` -> ``[B, T, out]``."""
-        if not self.event_driven or x.dim() != 3 or x.shape[1] != 1 or torch.is_grad_enabled():
+        if (not self.event_driven or x.dim() != 3 or x.shape[1] != 1 or torch.is_grad_enabled()
+                or x.device.type != "cpu" or not self.is_input_major()):
             return super().forward(x)
         weight = self.weight
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        if self._input_major_key != key:
-            self._input_major = weight.detach().t().contiguous()  # [in, out]: one row per input synapse bundle
-            self._input_major_key = key
+        input_major = weight.t()  # [in, out], contiguous: one row per input's synapse bundle
         spikes = x.reshape(-1, x.shape[-1])
-        rows, columns = spikes.nonzero(as_tuple=True)  # row-major order: each row's events are contiguous
-        per_row = torch.bincount(rows, minlength=spikes.shape[0])
-        out = F.embedding_bag(columns, self._input_major, torch.cumsum(per_row, 0) - per_row, mode="sum",
-                              per_sample_weights=spikes[rows, columns].to(weight.dtype))
+        if spikes.shape[0] == 1:  # one token of one sequence: one bag, no per-row bookkeeping
+            fired = spikes[0].nonzero().squeeze(1)
+            out = F.embedding_bag(fired, input_major, _zero_offset(), mode="sum",
+                                  per_sample_weights=cast(spikes[0].index_select(0, fired), weight.dtype))
+        else:
+            rows, columns = spikes.nonzero(as_tuple=True)  # row-major order: each row's events are contiguous
+            per_row = torch.bincount(rows, minlength=spikes.shape[0])
+            out = F.embedding_bag(columns, input_major, torch.cumsum(per_row, 0) - per_row, mode="sum",
+                                  per_sample_weights=cast(spikes[rows, columns], weight.dtype))
         out = out if self.bias is None else out + self.bias
         return out.view(*x.shape[:-1], out.shape[-1])
+
+
+_ZERO_OFFSET: list[Tensor] = []
+
+
+def _zero_offset() -> Tensor:
+    """``tensor([0])`` (one bag starting at the first index), made once."""
+    if not _ZERO_OFFSET:
+        with torch.inference_mode(False):
+            _ZERO_OFFSET.append(torch.zeros(1, dtype=torch.long))
+    return _ZERO_OFFSET[0]
 
 
 class SpikingLinear(nn.Module):
