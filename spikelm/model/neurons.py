@@ -24,9 +24,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from spikelm.kernels import gated_scan, lif_scan
 from spikelm.model.config import SpikeLMConfig
+from spikelm.model.event_kernel import adaptive_event_linear, event_linear
 
 ENCODINGS = ("binary", "ternary", "bitwise")
 
@@ -205,7 +207,7 @@ class AdaptiveNeuron(SpikingNeuron):
         # learns the multiplier instead), so autograd need not record it.
         mean_abs = torch.linalg.vector_norm(x32.detach(), 1, dim=-1, keepdim=True).mul_(1.0 / x.shape[-1])
         if self._simple():
-            threshold = mean_abs.div_(self.k).clamp_(min=self.eps / self.k)
+            threshold = self._simple_threshold(mean_abs)
             if training:
                 y, counts = _AdaptiveQuantize.apply(x32, threshold, self.max_spikes)
             else:  # inference: no autograd.Function call, and V_th * counts in place unless observers need counts
@@ -217,13 +219,26 @@ class AdaptiveNeuron(SpikingNeuron):
             self._notify(counts, mask)
         return cast(y, x.dtype), None
 
+    def _simple_threshold(self, mean_abs: Tensor) -> Tensor:
+        return mean_abs.div_(self.k).clamp_(min=self.eps / self.k)
+
+    def _fine_threshold(self, mean_abs: Tensor) -> Tensor:
+        return mean_abs.clamp_(min=self.eps).div_(self.k)
+
+    def event_threshold(self, x: Tensor) -> Tensor | None:
+        """``V_th [..., 1]`` (fp32) of ``x [..., C]`` exactly as ``forward`` computes it at inference, when the
+        rule is one ``event_kernel.adaptive_event_linear`` reproduces (fixed multiplier, full spikes); else None."""
+        if self.step_scale is not None or self.mix != 1.0 or (self.resolution == 1 and not self._simple()):
+            return None
+        mean_abs = torch.linalg.vector_norm(x.float(), 1, dim=-1, keepdim=True).mul_(1.0 / x.shape[-1])
+        return self._simple_threshold(mean_abs) if self.resolution == 1 else self._fine_threshold(mean_abs)
+
     def _general(self, x32: Tensor, mean_abs: Tensor, training: bool) -> tuple[Tensor, Tensor]:
         """Learned multiplier, finer counts, clipped STE and/or phase-in (the options of the class docstring)."""
-        mean_abs = mean_abs.clamp_(min=self.eps)
         if self.resolution > 1:
-            y, counts = self._fine_counts(x32, mean_abs.div_(self.k), training)
+            y, counts = self._fine_counts(x32, self._fine_threshold(mean_abs), training)
         else:
-            y, counts = self._lsq(x32, mean_abs, training)
+            y, counts = self._lsq(x32, mean_abs.clamp_(min=self.eps), training)
         if self.mix != 1.0:
             y = x32 + self.mix * (y - x32)
         return y, counts
@@ -376,8 +391,8 @@ class Synapses(nn.Linear):
     input-major: the same ``[out, in]`` parameter with the same values, laid out as the transpose of a contiguous
     ``[in, out]`` tensor (``weight.t()`` is then contiguous), so the model holds one copy of its weights, not two.
     One-token calls without autograd on CPU then read only the synapses of inputs that fired:
-    ``out[n] = sum over fired i of spikes[n, i] * W[:, i]``, a weighted gather of rows of ``weight.t()``
-    (``F.embedding_bag``; one bag per batch row). A decoding step reads every weight once from memory, so at sizes
+    ``out[n] = sum over fired i of spikes[n, i] * W[:, i]``, rows of ``weight.t()`` (``event_kernel.event_linear``:
+    each fired row read once for the whole batch). A decoding step reads every weight once from memory, so at sizes
     where the weights do not fit in cache the step time falls with the fraction of zero spikes.
 
     Every other call (training, prompts, autograd on, CUDA, a weight that is not input-major because something
@@ -423,34 +438,17 @@ class Synapses(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, T, in]`` -> ``[B, T, out]``."""
-        if (not self.event_driven or x.dim() != 3 or x.shape[1] != 1 or torch.is_grad_enabled()
-                or x.device.type != "cpu" or not self.is_input_major()):
+        if not self.takes_events(x):
             return super().forward(x)
-        weight = self.weight
-        input_major = weight.t()  # [in, out], contiguous: one row per input's synapse bundle
-        spikes = x.reshape(-1, x.shape[-1])
-        if spikes.shape[0] == 1:  # one token of one sequence: one bag, no per-row bookkeeping
-            fired = spikes[0].nonzero().squeeze(1)
-            out = F.embedding_bag(fired, input_major, _zero_offset(), mode="sum",
-                                  per_sample_weights=cast(spikes[0].index_select(0, fired), weight.dtype))
-        else:
-            rows, columns = spikes.nonzero(as_tuple=True)  # row-major order: each row's events are contiguous
-            per_row = torch.bincount(rows, minlength=spikes.shape[0])
-            out = F.embedding_bag(columns, input_major, torch.cumsum(per_row, 0) - per_row, mode="sum",
-                                  per_sample_weights=cast(spikes[rows, columns], weight.dtype))
+        out = event_linear(x.reshape(1, -1, x.shape[-1]), [self.weight.t()])[0]
         out = out if self.bias is None else out + self.bias
         return out.view(*x.shape[:-1], out.shape[-1])
 
-
-_ZERO_OFFSET: list[Tensor] = []
-
-
-def _zero_offset() -> Tensor:
-    """``tensor([0])`` (one bag starting at the first index), made once."""
-    if not _ZERO_OFFSET:
-        with torch.inference_mode(False):
-            _ZERO_OFFSET.append(torch.zeros(1, dtype=torch.long))
-    return _ZERO_OFFSET[0]
+    def takes_events(self, x: Tensor) -> bool:
+        """Whether a call on ``x`` goes the event-driven way: event-driven, a one-token call without autograd on
+        CPU, and the weight still input-major."""
+        return (self.event_driven and x.dim() == 3 and x.shape[1] == 1 and not torch.is_grad_enabled()
+                and x.device.type == "cpu" and self.is_input_major())
 
 
 class SpikingLinear(nn.Module):
@@ -468,8 +466,39 @@ class SpikingLinear(nn.Module):
 
     def forward(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> tuple[Tensor, Any]:
         """``x [B, T, in]`` -> ``(linear(spikes) [B, T, out], neuron state)``."""
+        fused = event_sites(self.neuron, [self.linear], x.unsqueeze(0), mask)
+        if fused is not None:
+            return fused[0], None
         spikes, state = self.neuron(x, state, mask)
         return self.linear(spikes), state
+
+
+def _plain_event_synapses(linear: nn.Module) -> bool:
+    """An event-driven ``Synapses`` itself (no wrapper, no bias, no hooks), input-major on CPU."""
+    return (type(linear) is Synapses and linear.event_driven and linear.bias is None and not linear._forward_hooks
+            and not linear._forward_pre_hooks and linear.is_input_major() and linear.weight.device.type == "cpu")
+
+
+def event_sites(neuron: SpikingNeuron, linears: list[nn.Module], x: Tensor, mask: Tensor | None) -> list[Tensor] | None:
+    """Sites that share one adaptive neuron rule, fired and summed in one kernel call (one-token inference calls):
+    ``x [S, B, 1, C]`` (the S sites' inputs) -> S outputs ``[B, 1, out_s]``, or ``None`` when the call must go
+    through the modules (autograd on, a mask, observers, hooks or wrappers, another rule, dense or non-CPU weights).
+
+    The spikes are the neuron's bit for bit (``AdaptiveNeuron.event_threshold``, then the same fp32 rule in C++);
+    the sums are the dense product's up to float summation order (docs/design.md, "Event-driven decoding").
+    """
+    if (mask is not None or x.shape[-2] != 1 or type(neuron) is not AdaptiveNeuron or neuron.observers
+            or torch.is_grad_enabled() or x.device.type != "cpu" or neuron._forward_hooks
+            or neuron._forward_pre_hooks or _global_forward_hooks or _global_forward_pre_hooks
+            or not all(_plain_event_synapses(linear) for linear in linears)):
+        return None
+    S, B, _, C = x.shape
+    threshold = neuron.event_threshold(x.reshape(S * B, C))
+    if threshold is None:
+        return None
+    outs = adaptive_event_linear(x.reshape(S, B, C), threshold.view(S, B), neuron.resolution, neuron.max_spikes,
+                                 [linear.weight.t() for linear in linears])
+    return [out.view(B, 1, out.shape[-1]) for out in outs]
 
 
 def time_steps(encoding: str, max_count: int) -> int:
