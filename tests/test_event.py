@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spikelm.model import event
+from spikelm.model import event, event_kernel, neurons, time_mix
 from spikelm.model.config import SpikeLMConfig
 from spikelm.model.modeling import SpikeLMForCausalLM
 from spikelm.model.neurons import SpikingLinear, Synapses
@@ -50,13 +50,24 @@ def storage_bytes(model):
     return sum(storages.values())
 
 
+def count_kernel_calls(monkeypatch):
+    """Count the event kernel's calls (both entry points, wherever they are imported)."""
+    calls = []
+    for module in (event_kernel, neurons, time_mix):
+        for name in ("event_linear", "adaptive_event_linear"):
+            if hasattr(module, name):
+                original = getattr(event_kernel, name)
+                monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    return calls
+
+
 DEFAULT_NEURON = {"adaptive_resolution": 4, "max_spikes": 32}  # the default recipe's, with adaptive_k 0.4
 
 
 @pytest.mark.parametrize(("time_mix", "neuron", "overrides"), [
     ("rwkv6", "adaptive", DEFAULT_NEURON), ("rwkv6", "adaptive", {}), ("rwkv4", "lif", {}), ("rwkv6", "gated", {}),
 ])
-def test_event_decoding_equals_dense_and_holds_one_copy(time_mix, neuron, overrides):
+def test_event_decoding_equals_dense_and_holds_one_copy(time_mix, neuron, overrides, monkeypatch):
     model = tiny_model(time_mix, neuron, **overrides)
     model.set_event_decoding(False)
     ids = torch.randint(0, VOCAB, (3, 10), generator=torch.Generator().manual_seed(5))
@@ -70,17 +81,55 @@ def test_event_decoding_equals_dense_and_holds_one_copy(time_mix, neuron, overri
     synapses = [m.linear for m in model.modules() if isinstance(m, SpikingLinear)]
     assert all(s.event_driven and s.is_input_major() and s.weight.t().is_contiguous() for s in synapses)
     assert storage_bytes(model) <= 1.1 * dense_bytes  # the input-major layout instead of the dense one, not beside
-    calls = []
-    for s in synapses:  # prove the event path runs: it never calls nn.Linear.forward's F.linear
-        s.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    calls = count_kernel_calls(monkeypatch)
     with torch.no_grad():
         stepped = run_in_chunks(model, ids, [4] + [1] * 6)
     torch.testing.assert_close(stepped, dense, rtol=1e-4, atol=1e-4)
     event_tokens, event_scores = greedy(model, prompt)
     assert torch.equal(event_tokens, dense_tokens)  # fp32: greedy generations identical
     torch.testing.assert_close(event_scores, dense_scores, rtol=1e-4, atol=1e-4)
-    assert torch.equal(greedy(model, prompt[:1])[0], one_tokens)  # batch 1: the one-bag path
-    assert calls
+    assert torch.equal(greedy(model, prompt[:1])[0], one_tokens)  # batch 1
+    assert calls  # the event kernel ran
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["kernel", "embedding_bag"])
+def test_fused_sites_equal_the_module_path(compiled, monkeypatch):
+    # The fused call (neuron rule + synapses in the kernel) against the same model with a hook on every neuron,
+    # which sends each site through its modules; and the embedding_bag fallback when the kernel is unavailable.
+    if not compiled:
+        monkeypatch.setitem(event_kernel._state, "module", None)
+    model = tiny_model(**DEFAULT_NEURON)
+    model.set_event_decoding(True)
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(11))
+    calls = count_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        fused = run_in_chunks(model, ids, [4, 1, 1, 1, 1])
+        assert "adaptive_event_linear" in calls
+        handles = [m.register_forward_hook(lambda *a: None) for m in model.modules()
+                   if isinstance(m, neurons.SpikingNeuron)]
+        calls.clear()
+        through_modules = run_in_chunks(model, ids, [4, 1, 1, 1, 1])
+        assert calls and "adaptive_event_linear" not in calls  # per-site synapses, still event-driven
+        for handle in handles:
+            handle.remove()
+        model.set_event_decoding(False)
+        dense = run_in_chunks(model, ids, [4, 1, 1, 1, 1])
+    torch.testing.assert_close(fused, dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(through_modules, dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("resolution", [1, 4])
+def test_kernel_spikes_are_the_neurons_bit_for_bit(resolution):
+    # Through an identity table each output is exactly one spike value, so the kernel's spikes can be compared with
+    # the neuron's own output bit for bit.
+    neuron = neurons.AdaptiveNeuron(64, k=0.4, max_spikes=32 if resolution > 1 else 8, resolution=resolution)
+    x = torch.randn(3, 2, 1, 64) * torch.rand(3, 2, 1, 1) * 5
+    with torch.no_grad():
+        expected, _ = neuron(x.reshape(6, 1, 64))
+        threshold = neuron.event_threshold(x.reshape(6, 64))
+        got = event_kernel.adaptive_event_linear(x.reshape(3, 2, 64), threshold.view(3, 2), resolution,
+                                                 neuron.max_spikes, [torch.eye(64)] * 3)
+    assert torch.equal(torch.stack(got).reshape(6, 1, 64), expected)
 
 
 def test_event_path_is_taken_and_matches_each_projection():
