@@ -10,7 +10,7 @@ from spikelm.measure.sparsity import find_spike_sites
 from spikelm.model.cache import SpikeLMCache
 from spikelm.model.config import SpikeLMConfig
 from spikelm.model.modeling import SpikeLMForCausalLM
-from spikelm.model.neurons import SpikingLinear, SpikingNeuron
+from spikelm.model.neurons import SpikingNeuron
 
 COMBOS = list(itertools.product(["rwkv6", "rwkv4"], ["adaptive", "lif", "gated", "none"]))
 IDS = [f"{t}-{n}" for t, n in COMBOS]

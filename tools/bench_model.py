@@ -221,9 +221,9 @@ def event_table(args: argparse.Namespace, gen: torch.Generator) -> None:
                             f"{ms['rwkv'] / ms[name]:7.2f}x {rss:12.0f} {zeros if name != 'rwkv' else 0:6.1%}")
         # Prefill: the whole prompt in one call (SpikeLM's chunked scan; RwkvForCausalLM's CPU path loops over
         # tokens inside its WKV), batch 1.
-        prefill = {name: (lambda m=model: m(long_prompt, use_cache=True, logits_to_keep=1))
+        prefill = {name: (lambda m=model, p=long_prompt: m(p, use_cache=True, logits_to_keep=1))
                    for name, model in models.items() if name != "event-bf16"}
-        prefill["rwkv"] = lambda: rwkv(long_prompt, use_cache=True)
+        prefill["rwkv"] = lambda r=rwkv, p=long_prompt: r(p, use_cache=True)
         with torch.inference_mode():
             seconds = median_seconds(prefill, max(1, args.repeats // 2))
         for name, s in seconds.items():

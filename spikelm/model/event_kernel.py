@@ -140,7 +140,8 @@ std::vector<torch::Tensor> event_linear(torch::Tensor spikes, std::vector<torch:
 }
 """
 
-ARCH_FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"], "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw"]}
+ARCH_FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"],
+              "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw"]}
 _state: dict[str, Any] = {}
 
 
@@ -157,7 +158,8 @@ def extension() -> Any | None:
                 capability = torch.backends.cpu.get_cpu_capability().lower()
                 flags = ["-O3", *ARCH_FLAGS.get(capability, [])]
                 _state["module"] = load_inline(name=f"spikelm_event_linear_{capability}", cpp_sources=SOURCE,
-                                               functions=["event_linear", "adaptive_event_linear"], extra_cflags=flags, verbose=False)
+                                               functions=["event_linear", "adaptive_event_linear"],
+                                               extra_cflags=flags, verbose=False)
             except Exception as error:  # no compiler, no headers: the embedding_bag path gives the same results
                 warnings.warn(f"event-driven decoding falls back to F.embedding_bag: the C++ kernel did not build "
                               f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})",
