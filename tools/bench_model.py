@@ -140,19 +140,25 @@ VARIANTS = ("dense", "event", "event-bf16", "rwkv")
 
 
 def peak_rss_mb(preset: str, variant: str, vocab: int, batch: int) -> float:
-    """Peak RSS (MB) of a fresh process that builds one model (in its dtype from the start), prefills 16 tokens and
-    decodes 8, less the process's RSS after the imports (~the same for every model)."""
+    """Peak RSS (MB) of a fresh process while it builds one model (in its dtype from the start), prefills 16 tokens
+    and decodes 8, less the process's RSS after the imports (the same for every model). Linux only."""
     import subprocess
     import sys
     from pathlib import Path
 
     code = f"""
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 torch.set_num_threads(1)
 import bench_model as b
 from spikelm import SpikeLMConfig
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+base = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current RSS
 variant, preset = {variant!r}, {preset!r}
 if variant == "rwkv":
     model = b.rwkv_twin(SpikeLMConfig.from_preset(preset, vocab_size={vocab}), {vocab})
@@ -165,7 +171,7 @@ else:
     model.set_event_decoding(variant != "dense")
     make = b.spikelm_decoder
 make(model, torch.randint(0, {vocab}, ({batch}, 16)), 8)()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+print(status("VmHWM") - base)
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])

@@ -24,9 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from spikelm.model.neurons import SpikingLinear, Synapses
+from spikelm.model import event_kernel
+from spikelm.model.neurons import AdaptiveNeuron, SpikingLinear, Synapses, _plain_event_synapses
+from spikelm.model.time_mix import RWKV6TimeMix
 
 MODES = (True, False, "auto")
 # Spiking weights below this many bytes stay dense under "auto" without calibrating: they sit in cache, where a
@@ -167,4 +170,80 @@ def calibrate(model: nn.Module) -> bool:
     return statistics.median(times[True]) < statistics.median(times[False])
 
 
-__all__ = ["MODES", "check_mode", "event_synapses", "apply", "decide", "calibrate", "decision_key", "cache_path"]
+def _rule(neuron: nn.Module) -> tuple[float, int, int] | None:
+    """``(k, resolution, max_spikes)`` of an adaptive neuron whose inference rule the kernel reproduces, with no
+    observers; else None."""
+    if (type(neuron) is not AdaptiveNeuron or neuron.observers or neuron.step_scale is not None or neuron.mix != 1.0
+            or (neuron.resolution == 1 and not neuron._simple())):
+        return None
+    return neuron.k, neuron.resolution, neuron.max_spikes
+
+
+def _group_rule(sites: list[nn.Module]) -> tuple[float, int, int] | None:
+    rules = {_rule(site.neuron) for site in sites}
+    return rules.pop() if len(rules) == 1 and None not in rules else None
+
+
+def _block_modules(block: nn.Module, parts: list[nn.Module]) -> list[nn.Module]:
+    """Every module of ``block`` (for the hook check), listed again only when one of ``parts`` (every module the
+    step reads) is another object: walking the modules on every token would cost more than the rest."""
+    key = tuple(map(id, parts))
+    cached = block.__dict__.get("_event_modules")
+    if cached is None or cached[0] != key:
+        cached = (key, list(block.modules()))
+        block.__dict__["_event_modules"] = cached
+    return cached[1]
+
+
+def block_step(block: nn.Module, x: Tensor, state: dict[str, Any] | None, mask: Tensor | None,
+               use_cache: bool) -> tuple[Tensor, dict[str, Any]] | None:
+    """One token of an RWKV-6 ``SpikeLMBlock`` in one C++ call (``event_kernel``'s ``rwkv6_block_step``: the same
+    operations as the modules' one-token path, the spike sites through the event kernel), or ``None`` when the
+    call must go through the modules: autograd on, a mask, not fp32 on CPU, no state yet, a forced scan backend, a
+    hook anywhere in the block, observers, wrapped or dense synapses, or a neuron rule the kernel does not have."""
+    if (not use_cache or mask is not None or state is None or x.shape[1] != 1 or torch.is_grad_enabled()
+            or x.dtype != torch.float32 or x.device.type != "cpu" or _global_forward_hooks
+            or _global_forward_pre_hooks):
+        return None
+    time_mix, channel_mix = block.time_mix, block.channel_mix
+    if not getattr(getattr(channel_mix.value, "linear", None), "event_driven", False):
+        return None  # the usual case of a dense model, decided first
+    tm_state, cm_state = state.get("time_mix"), state.get("channel_mix")
+    if (type(time_mix) is not RWKV6TimeMix or time_mix.backend is not None or not tm_state or not cm_state
+            or set(tm_state) != {"shift", "wkv"} or set(cm_state) != {"shift"}):
+        return None
+    module = event_kernel.extension()
+    tm_sites = [getattr(time_mix, name) for name in RWKV6TimeMix.MIXES]
+    cm_sites = [channel_mix.key, channel_mix.receptance]
+    groups = [tm_sites, [time_mix.output], cm_sites, [channel_mix.value]]
+    rules = [_group_rule(group) for group in groups]
+    linears = [site.linear for group in groups for site in group]
+    decay_up, ln1, ln2, group_norm = time_mix.decay_up, block.ln1, block.ln2, time_mix.group_norm
+    if (module is None or None in rules or not all(_plain_event_synapses(linear) for linear in linears)
+            or type(decay_up) is not nn.Linear or decay_up.bias is not None or type(ln1) is not nn.LayerNorm
+            or type(ln2) is not nn.LayerNorm or type(group_norm) is not nn.GroupNorm or ln1.weight is None
+            or ln2.weight is None or group_norm.weight is None):
+        return None
+    sites = [site for group in groups for site in group]
+    parts = [ln1, ln2, time_mix, channel_mix, decay_up, group_norm, *sites, *(site.neuron for site in sites), *linears]
+    if any(m._forward_hooks or m._forward_pre_hooks for m in _block_modules(block, parts)):
+        return None
+    tensors = [ln1.weight, ln1.bias, ln2.weight, ln2.bias, group_norm.weight, group_norm.bias, decay_up.weight,
+               time_mix.shift_mix, time_mix.time_decay, time_mix.bonus, channel_mix.shift_mix,
+               *(linear.weight for linear in linears)]
+    if any(t is None or t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        return None
+    tables = [linear.weight.t() for linear in linears]
+    B, _, C = x.shape
+    y, tm_shift, wkv, cm_shift = module.rwkv6_block_step(
+        x.reshape(B, C), [block.ln1.weight, block.ln1.bias], block.ln1.eps, tm_state["shift"], time_mix.shift_mix,
+        tm_state["wkv"], time_mix.time_decay, time_mix.bonus, tables[:5], decay_up.weight,
+        [time_mix.group_norm.weight, time_mix.group_norm.bias], time_mix.group_norm.eps, tables[5],
+        [block.ln2.weight, block.ln2.bias], block.ln2.eps, cm_state["shift"], channel_mix.shift_mix, tables[6:8],
+        tables[8], [rule[0] for rule in rules], [rule[1] for rule in rules], [rule[2] for rule in rules],
+        AdaptiveNeuron.eps)
+    return y.view(B, 1, C), {"time_mix": {"shift": tm_shift, "wkv": wkv}, "channel_mix": {"shift": cm_shift}}
+
+
+__all__ = ["MODES", "check_mode", "event_synapses", "apply", "decide", "calibrate", "decision_key", "cache_path",
+           "block_step"]

@@ -132,6 +132,53 @@ std::vector<torch::Tensor> adaptive_event_linear(torch::Tensor x, torch::Tensor 
   return accumulate_sites(ys, sites, batch, in, tables, x.options());
 }
 
+// V_th per token as AdaptiveNeuron.event_threshold computes it (the same ATen ops): x [N, C] -> [N].
+static torch::Tensor adaptive_threshold(const torch::Tensor& x, double k, int64_t resolution, double eps) {
+  torch::Tensor mean_abs = at::linalg_vector_norm(x, 1, at::IntArrayRef{-1}, true, c10::nullopt)
+                               .mul_(1.0 / static_cast<double>(x.size(-1)));
+  if (resolution == 1) return mean_abs.div_(k).clamp_(eps / k, c10::nullopt).view({-1});
+  return mean_abs.clamp_(eps, c10::nullopt).div_(k).view({-1});
+}
+
+static std::vector<torch::Tensor> fire(const torch::Tensor& x, double k, int64_t resolution, int64_t max_spikes,
+                                       double eps, std::vector<torch::Tensor> tables) {
+  const int64_t sites = x.size(0), batch = x.size(1), in = x.size(2);
+  torch::Tensor threshold = adaptive_threshold(x.reshape({sites * batch, in}), k, resolution, eps);
+  return adaptive_event_linear(x.contiguous(), threshold.contiguous(), resolution, max_spikes, tables);
+}
+
+// One token of a SpikeLMBlock with an RWKV-6 time mix (the model's modules' one-token path: the same ATen ops in
+// the same order, the adaptive sites through adaptive_event_linear), without a Python call per operation.
+// x [B, C] residual stream; returns {x, time-mix shift, wkv state, channel-mix shift}.
+std::vector<torch::Tensor> rwkv6_block_step(
+    torch::Tensor x, std::vector<torch::Tensor> ln1, double ln1_eps, torch::Tensor tm_shift,
+    torch::Tensor tm_mix, torch::Tensor wkv, torch::Tensor time_decay, torch::Tensor bonus,
+    std::vector<torch::Tensor> tm_tables, torch::Tensor decay_up, std::vector<torch::Tensor> gn, double gn_eps,
+    torch::Tensor out_table, std::vector<torch::Tensor> ln2, double ln2_eps, torch::Tensor cm_shift,
+    torch::Tensor cm_mix, std::vector<torch::Tensor> cm_tables, torch::Tensor value_table,
+    std::vector<double> ks, std::vector<int64_t> resolutions, std::vector<int64_t> max_spikes, double eps) {
+  const int64_t B = x.size(0), C = x.size(1), H = bonus.size(0), K = bonus.size(1);
+  // Time mix.
+  torch::Tensor xa = at::layer_norm(x, {C}, ln1[0], ln1[1], ln1_eps);
+  torch::Tensor mixed = at::addcmul(xa, tm_shift - xa, tm_mix.view({tm_mix.size(0), 1, C}));  // [5, B, C]
+  std::vector<torch::Tensor> rkvgd = fire(mixed, ks[0], resolutions[0], max_spikes[0], eps, tm_tables);
+  torch::Tensor log_decay = at::neg(at::exp(time_decay + at::linear(at::tanh(rkvgd[4]), decay_up)));
+  torch::Tensor r = rkvgd[0].view({B, H, K}), k = rkvgd[1].view({B, H, K}), v = rkvgd[2].view({B, H, K});
+  torch::Tensor kv = k.unsqueeze(-1) * v.unsqueeze(-2);
+  torch::Tensor o = at::bmm(r.reshape({B * H, 1, K}), at::addcmul(wkv, bonus.unsqueeze(-1), kv).view({B * H, K, -1}));
+  torch::Tensor new_wkv = at::addcmul(kv, log_decay.view({B, H, K}).exp().unsqueeze(-1), wkv);
+  torch::Tensor gated = at::group_norm(o.view({B, C}), H, gn[0], gn[1], gn_eps) * at::silu(rkvgd[3]);
+  torch::Tensor out = fire(gated.unsqueeze(0), ks[1], resolutions[1], max_spikes[1], eps, {out_table})[0];
+  torch::Tensor y = x + out;
+  // Channel mix.
+  torch::Tensor xc = at::layer_norm(y, {C}, ln2[0], ln2[1], ln2_eps);
+  torch::Tensor cmixed = at::addcmul(xc, cm_shift - xc, cm_mix.view({cm_mix.size(0), 1, C}));  // [2, B, C]
+  std::vector<torch::Tensor> kr = fire(cmixed, ks[2], resolutions[2], max_spikes[2], eps, cm_tables);
+  torch::Tensor value = fire(at::relu(kr[0]).square().unsqueeze(0), ks[3], resolutions[3], max_spikes[3], eps,
+                             {value_table})[0];
+  return {y + at::sigmoid(kr[1]) * value, xa, new_wkv, xc};
+}
+
 std::vector<torch::Tensor> event_linear(torch::Tensor spikes, std::vector<torch::Tensor> tables) {
   TORCH_CHECK(spikes.dim() == 3 && spikes.scalar_type() == torch::kFloat && spikes.is_contiguous() &&
               spikes.device().is_cpu(), "event_linear: spikes must be a contiguous float32 CPU tensor [S, B, in]");
@@ -158,7 +205,7 @@ def extension() -> Any | None:
                 capability = torch.backends.cpu.get_cpu_capability().lower()
                 flags = ["-O3", *ARCH_FLAGS.get(capability, [])]
                 _state["module"] = load_inline(name=f"spikelm_event_linear_{capability}", cpp_sources=SOURCE,
-                                               functions=["event_linear", "adaptive_event_linear"],
+                                               functions=["event_linear", "adaptive_event_linear", "rwkv6_block_step"],
                                                extra_cflags=flags, verbose=False)
             except Exception as error:  # no compiler, no headers: the embedding_bag path gives the same results
                 warnings.warn(f"event-driven decoding falls back to F.embedding_bag: the C++ kernel did not build "

@@ -62,6 +62,9 @@ class SpikeLMBlock(nn.Module):
     def forward(self, x: Tensor, state: dict[str, Any] | None = None, mask: Tensor | None = None,
                 use_cache: bool = False) -> tuple[Tensor, dict[str, Any] | None]:
         """``x [B, T, C]`` -> ``(x [B, T, C], new_state or None)``."""
+        stepped = event.block_step(self, x, state, mask, use_cache)  # one token, event-driven: one C++ call
+        if stepped is not None:
+            return stepped
         state = state or {}
         mixed, time_state = self.time_mix(self.ln1(x), state.get("time_mix"), mask, use_cache)
         x = x + mixed
