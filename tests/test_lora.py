@@ -75,7 +75,7 @@ def test_event_decoding_runs_under_an_unmerged_adapter():
     model.base_model.model.set_event_decoding(True)
     event_tokens, event_scores = greedy(model, prompt)
     synapses = [m for m in model.modules() if isinstance(m, Synapses)]
-    assert synapses and all(m.event_driven and m._input_major_key is not None for m in synapses)
+    assert synapses and all(m.event_driven and m.is_input_major() for m in synapses)
     assert torch.equal(event_tokens, dense_tokens)
     torch.testing.assert_close(event_scores, dense_scores, rtol=1e-4, atol=1e-4)
     # peft merges through weight.data (no version bump): re-enabling event decoding rebuilds the input-major copies.

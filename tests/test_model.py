@@ -10,7 +10,7 @@ from spikelm.measure.sparsity import find_spike_sites
 from spikelm.model.cache import SpikeLMCache
 from spikelm.model.config import SpikeLMConfig
 from spikelm.model.modeling import SpikeLMForCausalLM
-from spikelm.model.neurons import SpikingLinear, SpikingNeuron
+from spikelm.model.neurons import SpikingNeuron
 
 COMBOS = list(itertools.product(["rwkv6", "rwkv4"], ["adaptive", "lif", "gated", "none"]))
 IDS = [f"{t}-{n}" for t, n in COMBOS]
@@ -312,46 +312,3 @@ def test_decoding_step_returns_hidden_states():
     assert len(last) == len(full) == model.config.num_hidden_layers + 1
     for step_hidden, full_hidden in zip(last, full, strict=True):
         torch.testing.assert_close(step_hidden, full_hidden[:, 4:], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize(("time_mix", "neuron"), [("rwkv6", "adaptive"), ("rwkv4", "lif"), ("rwkv6", "gated")])
-def test_event_decoding_equals_dense_decoding(time_mix, neuron):
-    # Event-driven synapses read only the weight rows of inputs that spiked; the sum is the dense product's up to
-    # float summation order.
-    model = tiny_model(time_mix, neuron, adaptive_k=0.4)
-    ids = torch.randint(0, VOCAB, (3, 10), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        dense, _ = run_in_chunks(model, ids, [4] + [1] * 6)
-        model.set_event_decoding(True)
-        event, _ = run_in_chunks(model, ids, [4] + [1] * 6)
-    sites = [m for m in model.modules() if isinstance(m, SpikingLinear)]
-    assert all(site.linear.event_driven and site.linear._input_major.shape == site.linear.weight.T.shape
-               for site in sites)
-    torch.testing.assert_close(event, dense, rtol=1e-4, atol=1e-4)
-
-
-def test_event_decoding_follows_weight_changes_and_autograd():
-    model = tiny_model(adaptive_k=0.4)
-    model.set_event_decoding(True)
-    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(6))
-    site = model.model.layers[0].time_mix.key
-    with torch.no_grad():
-        run_in_chunks(model, ids, [5, 1])
-        first_copy = site.linear._input_major
-        site.linear.weight.mul_(-2.0)  # an in-place update (an optimizer step, load_state_dict) bumps the version
-        full = model(ids).logits
-        stepped, _ = run_in_chunks(model, ids, [5, 1])
-    assert site.linear._input_major is not first_copy
-    torch.testing.assert_close(stepped, full, rtol=1e-4, atol=1e-4)
-    # With autograd on, the step stays dense so gradients reach the weights.
-    cache = model(ids[:, :5], use_cache=True).past_key_values
-    model(ids[:, 5:], past_key_values=cache, use_cache=True).logits.sum().backward()
-    assert site.linear.weight.grad is not None and site.linear.weight.grad.abs().sum() > 0
-    model.set_event_decoding(False)
-    assert not site.linear.event_driven and "_input_major" not in site.linear.__dict__
-
-
-def test_dense_twin_has_no_event_sites():
-    model = tiny_model(neuron="none")
-    model.set_event_decoding(True)
-    assert not any(m.linear.event_driven for m in model.modules() if isinstance(m, SpikingLinear))

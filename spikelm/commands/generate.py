@@ -25,9 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
     parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
     parser.add_argument("--greedy", action="store_true", help="always take the likeliest token (no sampling)")
-    parser.add_argument("--event-decoding", action="store_true",
-                        help="read only the synapses of inputs that spiked (faster for models larger than the CPU "
-                        "cache and sparse spikes; keeps a second, input-major copy of the projection weights)")
+    parser.add_argument("--event-decoding", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                        help="read only the synapses of inputs that spiked: auto (default: on where a short "
+                        "calibration finds it faster, on CPU for models larger than the cache), on, off")
 
 
 def _check_arguments(args: argparse.Namespace) -> None:

@@ -25,10 +25,11 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from spikelm.model import event
 from spikelm.model.cache import SpikeLMCache
 from spikelm.model.channel_mix import ChannelMix
 from spikelm.model.config import SpikeLMConfig
-from spikelm.model.neurons import AdaptiveNeuron, GatedNeuron, SpikingLinear, SpikingNeuron, Synapses, build_neuron
+from spikelm.model.neurons import AdaptiveNeuron, GatedNeuron, SpikingLinear, SpikingNeuron, build_neuron
 from spikelm.model.time_mix import build_time_mix
 
 # Saved models point the Auto factories at thin modules that import the installed spikelm (see spikelm/remote/).
@@ -61,6 +62,9 @@ class SpikeLMBlock(nn.Module):
     def forward(self, x: Tensor, state: dict[str, Any] | None = None, mask: Tensor | None = None,
                 use_cache: bool = False) -> tuple[Tensor, dict[str, Any] | None]:
         """``x [B, T, C]`` -> ``(x [B, T, C], new_state or None)``."""
+        stepped = event.block_step(self, x, state, mask, use_cache)  # one token, event-driven: one C++ call
+        if stepped is not None:
+            return stepped
         state = state or {}
         mixed, time_state = self.time_mix(self.ln1(x), state.get("time_mix"), mask, use_cache)
         x = x + mixed
@@ -279,6 +283,7 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
 
         ``logits_to_keep > 0`` computes logits for the last that many positions only (generate's prefill).
         """
+        self._resolve_event_decoding(input_ids)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
                              use_cache=use_cache, inputs_embeds=inputs_embeds,
                              output_hidden_states=output_hidden_states, return_dict=True)
@@ -315,22 +320,34 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
             if isinstance(module, AdaptiveNeuron):
                 module.mix = mix
 
-    def set_event_decoding(self, enabled: bool = True) -> None:
-        """Event-driven synapses in one-token inference calls (``Synapses``).
+    def set_event_decoding(self, enabled: bool | str = True) -> None:
+        """Event-driven synapses in one-token inference calls: ``True``, ``False`` or ``"auto"`` (the default).
 
-        Each spiking projection then reads only the weight rows of inputs that spiked, from an input-major copy of
-        its weight (built on first use, rebuilt when the weight changes; it doubles those weights' memory). Decoding
-        steps whose weights stream from main memory get faster with the fraction of zero spikes; small models that
-        fit in cache get slower (a gather costs more than a cached dense product). Training, full-sequence calls and
-        the dense twin's sites (``neuron: none``) are unaffected. ``enabled=False`` drops the copies. Weight changes
-        are noticed by tensor version, which a write through ``weight.data`` does not bump (peft's ``merge`` /
-        ``merge_and_unload`` add the adapter that way): call this again after such a change to rebuild the copies.
+        With ``True`` each spiking projection stores its weight input-major (the same parameter and values, no second
+        copy; ``state_dict`` and saved files are unchanged) and one-token calls without autograd on CPU read only the
+        weight rows of inputs that spiked (``Synapses``). ``"auto"`` decides at the first one-token inference call
+        (dense on CUDA and for models whose spiking weights fit in cache, else a short calibration, cached; see
+        ``spikelm.model.event``). Refused (``ValueError``) for ``True`` in training mode; ``model.train()`` later
+        restores the standard layout and ``model.eval()`` re-applies the event layout. Calls with autograd on, prompts
+        and CUDA weights always take the dense product on the same parameters.
         """
-        for site in self.modules():
-            if isinstance(site, SpikingLinear):
-                for synapses in site.linear.modules():  # the Synapses itself, or inside a wrapper (a LoRA layer)
-                    if isinstance(synapses, Synapses):
-                        synapses.set_event_driven(enabled and site.neuron.kind != "none")
+        mode = event.check_mode(enabled)
+        self._event_decoding = mode
+        self._event_auto_pending = mode == "auto"
+        event.apply(self, mode is True)
+
+    @property
+    def event_decoding(self) -> bool | str:
+        """The mode given to ``set_event_decoding`` (``"auto"`` until set)."""
+        return getattr(self, "_event_decoding", "auto")
+
+    def _resolve_event_decoding(self, input_ids: Tensor | None) -> None:
+        """Under ``"auto"``, decide at the first one-token inference call (see ``spikelm.model.event.decide``)."""
+        if (input_ids is None or input_ids.shape[1] != 1 or self.training or torch.is_grad_enabled()
+                or not getattr(self, "_event_auto_pending", True) or self.event_decoding != "auto"):
+            return
+        self._event_auto_pending = False  # before deciding: the calibration calls forward itself
+        event.apply(self, event.decide(self))
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, next_sequence_length: int | None = None,
                                       past_key_values: SpikeLMCache | None = None, **kwargs: Any) -> dict[str, Any]:

@@ -22,11 +22,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from spikelm.kernels import gated_scan, lif_scan
 from spikelm.model.config import SpikeLMConfig
+from spikelm.model.event_kernel import adaptive_event_linear, event_linear
 
 ENCODINGS = ("binary", "ternary", "bitwise")
 
@@ -205,7 +206,7 @@ class AdaptiveNeuron(SpikingNeuron):
         # learns the multiplier instead), so autograd need not record it.
         mean_abs = torch.linalg.vector_norm(x32.detach(), 1, dim=-1, keepdim=True).mul_(1.0 / x.shape[-1])
         if self._simple():
-            threshold = mean_abs.div_(self.k).clamp_(min=self.eps / self.k)
+            threshold = self._simple_threshold(mean_abs)
             if training:
                 y, counts = _AdaptiveQuantize.apply(x32, threshold, self.max_spikes)
             else:  # inference: no autograd.Function call, and V_th * counts in place unless observers need counts
@@ -217,13 +218,26 @@ class AdaptiveNeuron(SpikingNeuron):
             self._notify(counts, mask)
         return cast(y, x.dtype), None
 
+    def _simple_threshold(self, mean_abs: Tensor) -> Tensor:
+        return mean_abs.div_(self.k).clamp_(min=self.eps / self.k)
+
+    def _fine_threshold(self, mean_abs: Tensor) -> Tensor:
+        return mean_abs.clamp_(min=self.eps).div_(self.k)
+
+    def event_threshold(self, x: Tensor) -> Tensor | None:
+        """``V_th [..., 1]`` (fp32) of ``x [..., C]`` exactly as ``forward`` computes it at inference, when the
+        rule is one ``event_kernel.adaptive_event_linear`` reproduces (fixed multiplier, full spikes); else None."""
+        if self.step_scale is not None or self.mix != 1.0 or (self.resolution == 1 and not self._simple()):
+            return None
+        mean_abs = torch.linalg.vector_norm(x.float(), 1, dim=-1, keepdim=True).mul_(1.0 / x.shape[-1])
+        return self._simple_threshold(mean_abs) if self.resolution == 1 else self._fine_threshold(mean_abs)
+
     def _general(self, x32: Tensor, mean_abs: Tensor, training: bool) -> tuple[Tensor, Tensor]:
         """Learned multiplier, finer counts, clipped STE and/or phase-in (the options of the class docstring)."""
-        mean_abs = mean_abs.clamp_(min=self.eps)
         if self.resolution > 1:
-            y, counts = self._fine_counts(x32, mean_abs.div_(self.k), training)
+            y, counts = self._fine_counts(x32, self._fine_threshold(mean_abs), training)
         else:
-            y, counts = self._lsq(x32, mean_abs, training)
+            y, counts = self._lsq(x32, mean_abs.clamp_(min=self.eps), training)
         if self.mix != 1.0:
             y = x32 + self.mix * (y - x32)
         return y, counts
@@ -370,43 +384,70 @@ def build_neuron(config: SpikeLMConfig, fan_out: int, channels: int | None = Non
 
 class Synapses(nn.Linear):
     """The weights behind a spike site: an ``nn.Linear`` (so LoRA and quantisation libraries wrap it like any other)
-    that can be event-driven.
+    that can be event-driven (docs/design.md, "Event-driven decoding").
 
-    With ``event_driven`` (``SpikeLMForCausalLM.set_event_decoding``), one-token calls without autograd read only the
-    synapses of inputs that fired: ``out[n] = sum over fired i of spikes[n, i] * W[:, i]``, a weighted gather of rows
-    of an input-major copy of the weight (``F.embedding_bag``). A decoding step reads every weight once from memory,
-    so at sizes where the weights do not fit in cache the step time falls with the fraction of zero spikes. The copy
-    costs the weight's memory again; it is rebuilt whenever the weight changes (another version, storage or dtype).
-    A write through ``weight.data`` bumps no version (peft's ``merge`` adds the adapter that way): after one, call
-    ``set_event_driven`` (``SpikeLMForCausalLM.set_event_decoding``) again to refresh the copy.
-    Results equal the dense product up to float summation order. Training and multi-token calls stay dense.
+    With ``event_driven`` (``SpikeLMForCausalLM.set_event_decoding``) and in eval mode, the weight is stored
+    input-major: the same ``[out, in]`` parameter with the same values, laid out as the transpose of a contiguous
+    ``[in, out]`` tensor (``weight.t()`` is then contiguous), so the model holds one copy of its weights, not two.
+    One-token calls without autograd on CPU then read only the synapses of inputs that fired:
+    ``out[n] = sum over fired i of spikes[n, i] * W[:, i]``, rows of ``weight.t()`` (``event_kernel.event_linear``:
+    each fired row read once for the whole batch). A decoding step reads every weight once from memory, so at sizes
+    where the weights do not fit in cache the step time falls with the fraction of zero spikes.
+
+    Every other call (training, prompts, autograd on, CUDA, a weight that is not input-major because something
+    replaced it) takes ``nn.Linear``'s dense product on the same parameter: results equal the dense path up to float
+    summation order. ``train(True)`` restores the standard contiguous layout, ``train(False)`` re-applies the
+    event layout, and ``state_dict`` always gives contiguous ``[out, in]`` tensors, so saved files do not change.
     """
 
     event_driven = False
-    _input_major_key: tuple | None = None  # what the input-major weight copy was built from
 
     def set_event_driven(self, enabled: bool) -> None:
-        """Switch event-driven calls on or off; either way the input-major copy is dropped (rebuilt on next use)."""
+        """Switch event-driven calls on or off and lay the weight out to match (input-major only in eval mode)."""
         self.event_driven = enabled
-        self.__dict__.pop("_input_major", None)
-        self.__dict__.pop("_input_major_key", None)
+        self._lay_out(enabled and not self.training)
+
+    def is_input_major(self) -> bool:
+        """Whether ``weight.t()`` is contiguous (and the weight is not, so that the layout is unambiguous)."""
+        weight = self.weight
+        return (isinstance(weight, Tensor) and weight.dim() == 2 and weight.stride() == (1, weight.shape[0])
+                and weight.shape[0] > 1)
+
+    @torch.no_grad()
+    def _lay_out(self, input_major: bool) -> None:
+        weight = self.weight
+        if not isinstance(weight, nn.Parameter) or weight.device.type == "meta" or input_major == self.is_input_major():
+            return
+        with torch.inference_mode(False):  # also from inside inference_mode (auto mode decides on a first call)
+            data = weight.detach()
+            # ``.data =`` keeps the Parameter object (optimizers and wrappers hold it), replacing only its storage.
+            weight.data = data.t().contiguous().t() if input_major else data.contiguous()
+
+    def train(self, mode: bool = True) -> Synapses:
+        super().train(mode)
+        if self.event_driven:
+            self._lay_out(not mode)
+        return self
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "weight"
+        if not keep_vars and key in destination and not destination[key].is_contiguous():
+            destination[key] = destination[key].contiguous()  # the standard layout: saved files do not change
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, T, in]`` -> ``[B, T, out]``."""
-        if not self.event_driven or x.dim() != 3 or x.shape[1] != 1 or torch.is_grad_enabled():
+        if not self.takes_events(x):
             return super().forward(x)
-        weight = self.weight
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        if self._input_major_key != key:
-            self._input_major = weight.detach().t().contiguous()  # [in, out]: one row per input synapse bundle
-            self._input_major_key = key
-        spikes = x.reshape(-1, x.shape[-1])
-        rows, columns = spikes.nonzero(as_tuple=True)  # row-major order: each row's events are contiguous
-        per_row = torch.bincount(rows, minlength=spikes.shape[0])
-        out = F.embedding_bag(columns, self._input_major, torch.cumsum(per_row, 0) - per_row, mode="sum",
-                              per_sample_weights=spikes[rows, columns].to(weight.dtype))
+        out = event_linear(x.reshape(1, -1, x.shape[-1]), [self.weight.t()])[0]
         out = out if self.bias is None else out + self.bias
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    def takes_events(self, x: Tensor) -> bool:
+        """Whether a call on ``x`` goes the event-driven way: event-driven, a one-token call without autograd on
+        CPU, and the weight still input-major."""
+        return (self.event_driven and x.dim() == 3 and x.shape[1] == 1 and not torch.is_grad_enabled()
+                and x.device.type == "cpu" and self.is_input_major())
 
 
 class SpikingLinear(nn.Module):
@@ -424,8 +465,39 @@ class SpikingLinear(nn.Module):
 
     def forward(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> tuple[Tensor, Any]:
         """``x [B, T, in]`` -> ``(linear(spikes) [B, T, out], neuron state)``."""
+        fused = event_sites(self.neuron, [self.linear], x.unsqueeze(0), mask)
+        if fused is not None:
+            return fused[0], None
         spikes, state = self.neuron(x, state, mask)
         return self.linear(spikes), state
+
+
+def _plain_event_synapses(linear: nn.Module) -> bool:
+    """An event-driven ``Synapses`` itself (no wrapper, no bias, no hooks), input-major on CPU."""
+    return (type(linear) is Synapses and linear.event_driven and linear.bias is None and not linear._forward_hooks
+            and not linear._forward_pre_hooks and linear.is_input_major() and linear.weight.device.type == "cpu")
+
+
+def event_sites(neuron: SpikingNeuron, linears: list[nn.Module], x: Tensor, mask: Tensor | None) -> list[Tensor] | None:
+    """Sites that share one adaptive neuron rule, fired and summed in one kernel call (one-token inference calls):
+    ``x [S, B, 1, C]`` (the S sites' inputs) -> S outputs ``[B, 1, out_s]``, or ``None`` when the call must go
+    through the modules (autograd on, a mask, observers, hooks or wrappers, another rule, dense or non-CPU weights).
+
+    The spikes are the neuron's bit for bit (``AdaptiveNeuron.event_threshold``, then the same fp32 rule in C++);
+    the sums are the dense product's up to float summation order (docs/design.md, "Event-driven decoding").
+    """
+    if (mask is not None or x.shape[-2] != 1 or type(neuron) is not AdaptiveNeuron or neuron.observers
+            or torch.is_grad_enabled() or x.device.type != "cpu" or neuron._forward_hooks
+            or neuron._forward_pre_hooks or _global_forward_hooks or _global_forward_pre_hooks
+            or not all(_plain_event_synapses(linear) for linear in linears)):
+        return None
+    S, B, _, C = x.shape
+    threshold = neuron.event_threshold(x.reshape(S * B, C))
+    if threshold is None:
+        return None
+    outs = adaptive_event_linear(x.reshape(S, B, C), threshold.view(S, B), neuron.resolution, neuron.max_spikes,
+                                 [linear.weight.t() for linear in linears])
+    return [out.view(B, 1, out.shape[-1]) for out in outs]
 
 
 def time_steps(encoding: str, max_count: int) -> int:

@@ -18,11 +18,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from transformers import initialization as init
 
 from spikelm.kernels import rwkv4_scan, rwkv6_scan
 from spikelm.model.config import SpikeLMConfig
-from spikelm.model.neurons import SpikingLinear, SpikingNeuron, cast, kernel_backend, mask_tokens
+from spikelm.model.event_kernel import event_linear
+from spikelm.model.neurons import (
+    SpikingLinear,
+    SpikingNeuron,
+    Synapses,
+    cast,
+    event_sites,
+    kernel_backend,
+    mask_tokens,
+)
 
 State = dict[str, Any]
 
@@ -82,9 +92,17 @@ class _SpikingMix(nn.Module):
         if _fire_together(neurons):
             S, B, T, C = stacked.shape
             stacked_mask = None if mask is None else mask.repeat(S, 1)
+            linears = [site.linear for site in sites]
+            fused = event_sites(neurons[0], linears, stacked, mask)  # one-token inference: one kernel call
+            if fused is not None:
+                return fused
             spikes, _ = neurons[0](stacked.reshape(S * B, T, C), None, stacked_mask)
+            if T == 1 and _events_together(linears, spikes):
+                # One kernel call for the whole stack (docs/design.md, "Event-driven decoding").
+                outs = event_linear(spikes.view(S, B, C), [linear.weight.t() for linear in linears])
+                return [out.view(B, 1, out.shape[-1]) for out in outs]
             # unbind: S views in one op (S indexing ops cost S dispatches, a visible share of a decoding step)
-            return [site.linear(s) for site, s in zip(sites, spikes.view(S, B, T, C).unbind(0), strict=True)]
+            return [linear(s) for linear, s in zip(linears, spikes.view(S, B, T, C).unbind(0), strict=True)]
         return [self._site(name, x, state, new_state, mask) for name, x in zip(names, stacked.unbind(0), strict=True)]
 
     def _site(self, name: str, x: Tensor, state: State | None, new_state: State, mask: Tensor | None) -> Tensor:
@@ -92,6 +110,16 @@ class _SpikingMix(nn.Module):
         if neuron_state is not None:
             new_state[name] = neuron_state
         return out
+
+
+def _events_together(linears: list[nn.Module], spikes: Tensor) -> bool:
+    """Whether the sites' synapses may run as one ``event_linear`` call without being called one by one: plain
+    event-driven ``Synapses`` without bias or hooks (a wrapper such as a LoRA layer, or a hook, needs its module
+    call), taking events for this input."""
+    if _global_forward_hooks or _global_forward_pre_hooks:
+        return False
+    return all(type(linear) is Synapses and linear.bias is None and not linear._forward_hooks
+               and not linear._forward_pre_hooks and linear.takes_events(spikes) for linear in linears)
 
 
 def _fire_together(neurons: list[SpikingNeuron]) -> bool:

@@ -231,6 +231,7 @@ def setup(recipe: Recipe, run_dir: Path, *, resume: Path | None, no_resume: bool
 
     torch.manual_seed(recipe.seed)
     model = SpikeLMForCausalLM(config)
+    model.set_event_decoding(False)  # the sample generations keep the standard layout (ZeRO partitions the weights)
     if init_from is not None and checkpoint is None:  # a resumed run continues from its checkpoint instead
         load_initial_weights(model, init_from, config)
     if recipe.deepspeed.activation_checkpointing:

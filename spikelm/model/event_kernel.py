@@ -1,0 +1,252 @@
+"""The CPU kernel of event-driven synapses (docs/design.md, "Event-driven decoding").
+
+``event_linear(spikes [S, B, in], tables)`` computes, for each of S sites, ``spikes[s] @ tables[s]`` where
+``tables[s] [in, out_s]`` is an input-major weight (``Synapses.weight.t()``), reading only the rows of inputs that
+fired in at least one of the B rows: each such row is read once from memory and applied to every batch row that
+fired it, accumulated in fp32 in input order. One call serves several sites (a mix's stacked inputs), so a
+decoding step pays one dispatch per stack instead of a handful of small ops per site.
+
+The kernel is a small C++ extension built on first use with ``torch.utils.cpp_extension.load_inline`` (about a
+minute, cached in ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Without a C++ compiler, or with
+``SPIKELM_EVENT_KERNEL=0``, the same result comes from ``F.embedding_bag`` per site (weighted rows, one bag per
+batch row): slower, never different beyond float summation order.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <vector>
+#include <cmath>
+#include <algorithm>
+
+template <typename T>
+static void accumulate(const float* __restrict__ x, int64_t batch, int64_t in, const T* __restrict__ table,
+                       int64_t out, float* __restrict__ acc, const std::vector<int64_t>& active) {
+  // Columns in blocks over threads; each active input row is read once per block and used by every batch row.
+  // The next active row is prefetched while this one is summed: rows sit at scattered addresses, and waiting for
+  // each row's first cache lines would halve the bandwidth.
+  constexpr int64_t line = 64 / sizeof(T);
+  auto body = [&](int64_t c0, int64_t c1) {
+    const int64_t n = static_cast<int64_t>(active.size());
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t i = active[j];
+      const T* __restrict__ row = table + i * out;
+      const T* next = table + active[j + 1 < n ? j + 1 : j] * out;
+      for (int64_t c = c0; c < c1; c += line) __builtin_prefetch(next + c, 0, 0);
+      for (int64_t b = 0; b < batch; ++b) {
+        const float v = x[b * in + i];
+        if (v == 0.0f) continue;
+        float* __restrict__ target = acc + b * out;
+        for (int64_t c = c0; c < c1; ++c) target[c] += v * static_cast<float>(row[c]);
+      }
+    }
+  };
+  const int64_t work = static_cast<int64_t>(active.size()) * out;
+  if (work >= (int64_t(1) << 16)) {
+    at::parallel_for(0, out, 256, body);
+  } else {
+    body(0, out);
+  }
+}
+
+std::vector<torch::Tensor> accumulate_sites(const float* all, int64_t sites, int64_t batch, int64_t in,
+                                            const std::vector<torch::Tensor>& tables,
+                                            const torch::TensorOptions& options) {
+  TORCH_CHECK(static_cast<int64_t>(tables.size()) == sites, "event_linear: one table per site");
+  std::vector<torch::Tensor> outs;
+  std::vector<int64_t> active;
+  active.reserve(in);
+  for (int64_t s = 0; s < sites; ++s) {
+    const torch::Tensor& table = tables[s];
+    TORCH_CHECK(table.dim() == 2 && table.size(0) == in && table.is_contiguous() && table.device().is_cpu(),
+                "event_linear: each table must be a contiguous CPU tensor [in, out]");
+    const int64_t out = table.size(1);
+    const float* x = all + s * batch * in;
+    active.clear();
+    for (int64_t i = 0; i < in; ++i) {
+      for (int64_t b = 0; b < batch; ++b) {
+        if (x[b * in + i] != 0.0f) { active.push_back(i); break; }
+      }
+    }
+    torch::Tensor acc = torch::zeros({batch, out}, options);
+    float* a = acc.data_ptr<float>();
+    if (table.scalar_type() == torch::kFloat) {
+      accumulate<float>(x, batch, in, table.data_ptr<float>(), out, a, active);
+      outs.push_back(acc);
+    } else if (table.scalar_type() == torch::kBFloat16) {
+      accumulate<c10::BFloat16>(x, batch, in, table.data_ptr<c10::BFloat16>(), out, a, active);
+      outs.push_back(acc.to(torch::kBFloat16));
+    } else {
+      TORCH_CHECK(false, "event_linear: tables must be float32 or bfloat16");
+    }
+  }
+  return outs;
+}
+
+// The adaptive neuron's inference rule (neurons.AdaptiveNeuron, the same fp32 operations in the same order, so the
+// same values bit for bit) followed by the synapses: x [S, B, in] float32, threshold [S, B] float32 (V_th per
+// token, as AdaptiveNeuron.threshold computes it).
+std::vector<torch::Tensor> adaptive_event_linear(torch::Tensor x, torch::Tensor threshold, int64_t resolution,
+                                                 int64_t max_spikes, std::vector<torch::Tensor> tables) {
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "adaptive_event_linear: x must be a contiguous float32 CPU tensor [S, B, in]");
+  const int64_t sites = x.size(0), batch = x.size(1), in = x.size(2);
+  TORCH_CHECK(threshold.scalar_type() == torch::kFloat && threshold.is_contiguous() &&
+              threshold.numel() == sites * batch, "adaptive_event_linear: threshold must be float32 [S, B]");
+  torch::Tensor spikes = torch::empty_like(x);
+  const float* xs = x.data_ptr<float>();
+  const float* th = threshold.data_ptr<float>();
+  float* ys = spikes.data_ptr<float>();
+  const float m = static_cast<float>(max_spikes);
+  const float r = static_cast<float>(resolution);
+  for (int64_t row = 0; row < sites * batch; ++row) {
+    const float* xr = xs + row * in;
+    float* yr = ys + row * in;
+    const float t = th[row];
+    if (resolution == 1) {  // counts = clamp(round(x / V_th), -m, m); y = counts * V_th
+      for (int64_t i = 0; i < in; ++i) {
+        const float c = std::min(std::max(std::nearbyint(xr[i] / t), -m), m);
+        yr[i] = c * t;
+      }
+    } else {  // step = V_th / r; counts = clamp(round(x / step), -m, m), 0 where |x| < V_th / 2; y = counts * step
+      const float step = t / r;
+      const float half = t / 2.0f;
+      for (int64_t i = 0; i < in; ++i) {
+        float c = std::min(std::max(std::nearbyint(xr[i] / step), -m), m);
+        if (std::fabs(xr[i]) < half) c = 0.0f;
+        yr[i] = c * step;
+      }
+    }
+  }
+  return accumulate_sites(ys, sites, batch, in, tables, x.options());
+}
+
+// V_th per token as AdaptiveNeuron.event_threshold computes it (the same ATen ops): x [N, C] -> [N].
+static torch::Tensor adaptive_threshold(const torch::Tensor& x, double k, int64_t resolution, double eps) {
+  torch::Tensor mean_abs = at::linalg_vector_norm(x, 1, at::IntArrayRef{-1}, true, c10::nullopt)
+                               .mul_(1.0 / static_cast<double>(x.size(-1)));
+  if (resolution == 1) return mean_abs.div_(k).clamp_(eps / k, c10::nullopt).view({-1});
+  return mean_abs.clamp_(eps, c10::nullopt).div_(k).view({-1});
+}
+
+static std::vector<torch::Tensor> fire(const torch::Tensor& x, double k, int64_t resolution, int64_t max_spikes,
+                                       double eps, std::vector<torch::Tensor> tables) {
+  const int64_t sites = x.size(0), batch = x.size(1), in = x.size(2);
+  torch::Tensor threshold = adaptive_threshold(x.reshape({sites * batch, in}), k, resolution, eps);
+  return adaptive_event_linear(x.contiguous(), threshold.contiguous(), resolution, max_spikes, tables);
+}
+
+// One token of a SpikeLMBlock with an RWKV-6 time mix (the model's modules' one-token path: the same ATen ops in
+// the same order, the adaptive sites through adaptive_event_linear), without a Python call per operation.
+// x [B, C] residual stream; returns {x, time-mix shift, wkv state, channel-mix shift}.
+std::vector<torch::Tensor> rwkv6_block_step(
+    torch::Tensor x, std::vector<torch::Tensor> ln1, double ln1_eps, torch::Tensor tm_shift,
+    torch::Tensor tm_mix, torch::Tensor wkv, torch::Tensor time_decay, torch::Tensor bonus,
+    std::vector<torch::Tensor> tm_tables, torch::Tensor decay_up, std::vector<torch::Tensor> gn, double gn_eps,
+    torch::Tensor out_table, std::vector<torch::Tensor> ln2, double ln2_eps, torch::Tensor cm_shift,
+    torch::Tensor cm_mix, std::vector<torch::Tensor> cm_tables, torch::Tensor value_table,
+    std::vector<double> ks, std::vector<int64_t> resolutions, std::vector<int64_t> max_spikes, double eps) {
+  const int64_t B = x.size(0), C = x.size(1), H = bonus.size(0), K = bonus.size(1);
+  // Time mix.
+  torch::Tensor xa = at::layer_norm(x, {C}, ln1[0], ln1[1], ln1_eps);
+  torch::Tensor mixed = at::addcmul(xa, tm_shift - xa, tm_mix.view({tm_mix.size(0), 1, C}));  // [5, B, C]
+  std::vector<torch::Tensor> rkvgd = fire(mixed, ks[0], resolutions[0], max_spikes[0], eps, tm_tables);
+  torch::Tensor log_decay = at::neg(at::exp(time_decay + at::linear(at::tanh(rkvgd[4]), decay_up)));
+  torch::Tensor r = rkvgd[0].view({B, H, K}), k = rkvgd[1].view({B, H, K}), v = rkvgd[2].view({B, H, K});
+  torch::Tensor kv = k.unsqueeze(-1) * v.unsqueeze(-2);
+  torch::Tensor o = at::bmm(r.reshape({B * H, 1, K}), at::addcmul(wkv, bonus.unsqueeze(-1), kv).view({B * H, K, -1}));
+  torch::Tensor new_wkv = at::addcmul(kv, log_decay.view({B, H, K}).exp().unsqueeze(-1), wkv);
+  torch::Tensor gated = at::group_norm(o.view({B, C}), H, gn[0], gn[1], gn_eps) * at::silu(rkvgd[3]);
+  torch::Tensor out = fire(gated.unsqueeze(0), ks[1], resolutions[1], max_spikes[1], eps, {out_table})[0];
+  torch::Tensor y = x + out;
+  // Channel mix.
+  torch::Tensor xc = at::layer_norm(y, {C}, ln2[0], ln2[1], ln2_eps);
+  torch::Tensor cmixed = at::addcmul(xc, cm_shift - xc, cm_mix.view({cm_mix.size(0), 1, C}));  // [2, B, C]
+  std::vector<torch::Tensor> kr = fire(cmixed, ks[2], resolutions[2], max_spikes[2], eps, cm_tables);
+  torch::Tensor value = fire(at::relu(kr[0]).square().unsqueeze(0), ks[3], resolutions[3], max_spikes[3], eps,
+                             {value_table})[0];
+  return {y + at::sigmoid(kr[1]) * value, xa, new_wkv, xc};
+}
+
+std::vector<torch::Tensor> event_linear(torch::Tensor spikes, std::vector<torch::Tensor> tables) {
+  TORCH_CHECK(spikes.dim() == 3 && spikes.scalar_type() == torch::kFloat && spikes.is_contiguous() &&
+              spikes.device().is_cpu(), "event_linear: spikes must be a contiguous float32 CPU tensor [S, B, in]");
+  return accumulate_sites(spikes.data_ptr<float>(), spikes.size(0), spikes.size(1), spikes.size(2), tables,
+                          spikes.options());
+}
+"""
+
+ARCH_FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"],
+              "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw"]}
+_state: dict[str, Any] = {}
+
+
+def extension() -> Any | None:
+    """The compiled kernel (built once per process, cached on disk by torch), or ``None`` when it cannot be built
+    or ``SPIKELM_EVENT_KERNEL=0``."""
+    if "module" not in _state:
+        _state["module"] = None
+        if os.environ.get("SPIKELM_EVENT_KERNEL", "1") != "0":
+            try:
+                from torch.utils.cpp_extension import load_inline
+
+                # Vector instructions only where this CPU has them; the name keeps builds for other CPUs apart.
+                capability = torch.backends.cpu.get_cpu_capability().lower()
+                flags = ["-O3", *ARCH_FLAGS.get(capability, [])]
+                _state["module"] = load_inline(name=f"spikelm_event_linear_{capability}", cpp_sources=SOURCE,
+                                               functions=["event_linear", "adaptive_event_linear", "rwkv6_block_step"],
+                                               extra_cflags=flags, verbose=False)
+            except Exception as error:  # no compiler, no headers: the embedding_bag path gives the same results
+                warnings.warn(f"event-driven decoding falls back to F.embedding_bag: the C++ kernel did not build "
+                              f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})",
+                              stacklevel=2)
+    return _state["module"]
+
+
+def event_linear(spikes: Tensor, tables: list[Tensor]) -> list[Tensor]:
+    """``[spikes[s] @ tables[s] for s]`` reading only fired rows: ``spikes [S, B, in]``, ``tables[s] [in, out_s]``
+    contiguous (input-major weights), float32 or bfloat16; each result ``[B, out_s]`` in its table's dtype."""
+    module = extension()
+    if module is not None and all(t.dtype in (torch.float32, torch.bfloat16) for t in tables):
+        return module.event_linear(spikes.float().contiguous(), tables)
+    return [_embedding_bag(x, table) for x, table in zip(spikes.unbind(0), tables, strict=True)]
+
+
+def adaptive_event_linear(x: Tensor, threshold: Tensor, resolution: int, max_spikes: int,
+                          tables: list[Tensor]) -> list[Tensor]:
+    """The adaptive neuron's inference rule on ``x [S, B, in]`` with ``threshold [S, B]`` (V_th per token), then
+    ``event_linear``; the spike values are the neuron's bit for bit (same fp32 operations)."""
+    module = extension()
+    if module is not None and all(t.dtype in (torch.float32, torch.bfloat16) for t in tables):
+        return module.adaptive_event_linear(x.float().contiguous(), threshold.float().contiguous(), resolution,
+                                            max_spikes, tables)
+    x32, threshold = x.float(), threshold.float().unsqueeze(-1)
+    if resolution == 1:
+        spikes = torch.div(x32, threshold).round_().clamp_(-max_spikes, max_spikes).mul_(threshold)
+    else:
+        step = threshold / resolution
+        counts = torch.div(x32, step).round_().clamp_(-max_spikes, max_spikes)
+        spikes = counts.masked_fill_(x32.abs() < threshold / 2, 0.0).mul_(step)
+    return [_embedding_bag(s, table) for s, table in zip(spikes.unbind(0), tables, strict=True)]
+
+
+def _embedding_bag(spikes: Tensor, table: Tensor) -> Tensor:
+    """``spikes [B, in] @ table [in, out]`` as weighted bags of the fired rows (one bag per batch row)."""
+    rows, columns = spikes.nonzero(as_tuple=True)  # row-major order: each row's events are contiguous
+    per_row = torch.bincount(rows, minlength=spikes.shape[0])
+    return F.embedding_bag(columns, table, torch.cumsum(per_row, 0) - per_row, mode="sum",
+                           per_sample_weights=spikes[rows, columns].to(table.dtype))
+
+
+__all__ = ["event_linear", "adaptive_event_linear", "extension"]
