@@ -110,7 +110,7 @@ def build_models(args: argparse.Namespace) -> tuple[SpikeLMForCausalLM, SpikeLMF
     return spikelm6, spikelm4, rwkv
 
 
-DEFAULT_NEURON = {"adaptive_k": 0.4, "adaptive_resolution": 4, "max_spikes": 32}  # recipes/shakespeare-tiny.yaml
+DEFAULT_NEURON = {"adaptive_k": 0.4, "adaptive_resolution": 4, "max_spikes": 256}  # recipes/shakespeare-tiny.yaml
 
 
 def rwkv_twin(config: SpikeLMConfig, vocab: int) -> RwkvForCausalLM:
@@ -193,7 +193,7 @@ def event_table(args: argparse.Namespace, gen: torch.Generator) -> None:
     """Per-token decoding (batch 1 and 4), prefill and memory at larger presets: SpikeLM with dense synapses,
     event-driven (fp32, and a bf16 model), and ``RwkvForCausalLM`` of the same shape, timed in one run.
 
-    Random-init models with the default recipe's neuron settings (``adaptive_k`` 0.4, resolution 4, 32 spikes):
+    Random-init models with the default recipe's neuron settings (``adaptive_k`` 0.4, resolution 4, a clip of 256):
     the zero fraction is measured on the same prompt the timings start from (a trained model gave 75%).
     """
     from spikelm.measure.sparsity import SparsityMonitor
