@@ -9,6 +9,7 @@ from spikelm.model import event, event_kernel, neurons, time_mix
 from spikelm.model.config import SpikeLMConfig
 from spikelm.model.modeling import SpikeLMForCausalLM
 from spikelm.model.neurons import SpikingLinear, Synapses
+from test_model import run_in_chunks as chunked_logits_and_cache
 
 VOCAB = 97
 
@@ -21,12 +22,7 @@ def tiny_model(time_mix="rwkv6", neuron="adaptive", **overrides):
 
 
 def run_in_chunks(model, ids, sizes):
-    cache, logits = None, []
-    for chunk in torch.split(ids, sizes, dim=1):
-        out = model(chunk, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        logits.append(out.logits)
-    return torch.cat(logits, dim=1)
+    return chunked_logits_and_cache(model, ids, sizes)[0]
 
 
 def greedy(model, prompt, new_tokens=10):
