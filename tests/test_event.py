@@ -4,12 +4,12 @@ weights, leaves saved files unchanged, falls back or refuses on bad input, and "
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_model import run_in_chunks as chunked_logits_and_cache
 
 from spikelm.model import event, event_kernel, neurons, time_mix
 from spikelm.model.config import SpikeLMConfig
 from spikelm.model.modeling import SpikeLMForCausalLM
 from spikelm.model.neurons import SpikingLinear, Synapses
-from test_model import run_in_chunks as chunked_logits_and_cache
 
 VOCAB = 97
 
