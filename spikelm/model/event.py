@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from spikelm.model import event_kernel
-from spikelm.model.neurons import AdaptiveNeuron, SpikingLinear, Synapses, _plain_event_synapses
+from spikelm.model.neurons import AdaptiveNeuron, SpikingLinear, Synapses, plain_event_synapses
 from spikelm.model.time_mix import RWKV6TimeMix
 
 MODES = (True, False, "auto")
@@ -173,8 +172,7 @@ def calibrate(model: nn.Module) -> bool:
 def _rule(neuron: nn.Module) -> tuple[float, int, int] | None:
     """``(k, resolution, max_spikes)`` of an adaptive neuron whose inference rule the kernel reproduces, with no
     observers; else None."""
-    if (type(neuron) is not AdaptiveNeuron or neuron.observers or neuron.step_scale is not None or neuron.mix != 1.0
-            or (neuron.resolution == 1 and not neuron._simple())):
+    if type(neuron) is not AdaptiveNeuron or neuron.observers or not neuron.has_event_rule():
         return None
     return neuron.k, neuron.resolution, neuron.max_spikes
 
@@ -202,8 +200,7 @@ def block_step(block: nn.Module, x: Tensor, state: dict[str, Any] | None, mask: 
     call must go through the modules: autograd on, a mask, not fp32 on CPU, no state yet, a forced scan backend, a
     hook anywhere in the block, observers, wrapped or dense synapses, or a neuron rule the kernel does not have."""
     if (not use_cache or mask is not None or state is None or x.shape[1] != 1 or torch.is_grad_enabled()
-            or x.dtype != torch.float32 or x.device.type != "cpu" or _global_forward_hooks
-            or _global_forward_pre_hooks):
+            or x.dtype != torch.float32 or x.device.type != "cpu"):
         return None
     time_mix, channel_mix = block.time_mix, block.channel_mix
     if not getattr(getattr(channel_mix.value, "linear", None), "event_driven", False):
@@ -212,14 +209,13 @@ def block_step(block: nn.Module, x: Tensor, state: dict[str, Any] | None, mask: 
     if (type(time_mix) is not RWKV6TimeMix or time_mix.backend is not None or not tm_state or not cm_state
             or set(tm_state) != {"shift", "wkv"} or set(cm_state) != {"shift"}):
         return None
-    module = event_kernel.extension()
     tm_sites = [getattr(time_mix, name) for name in RWKV6TimeMix.MIXES]
     cm_sites = [channel_mix.key, channel_mix.receptance]
     groups = [tm_sites, [time_mix.output], cm_sites, [channel_mix.value]]
     rules = [_group_rule(group) for group in groups]
     linears = [site.linear for group in groups for site in group]
     decay_up, ln1, ln2, group_norm = time_mix.decay_up, block.ln1, block.ln2, time_mix.group_norm
-    if (module is None or None in rules or not all(_plain_event_synapses(linear) for linear in linears)
+    if (None in rules or not plain_event_synapses(linears)
             or type(decay_up) is not nn.Linear or decay_up.bias is not None or type(ln1) is not nn.LayerNorm
             or type(ln2) is not nn.LayerNorm or type(group_norm) is not nn.GroupNorm or ln1.weight is None
             or ln2.weight is None or group_norm.weight is None):
@@ -232,6 +228,9 @@ def block_step(block: nn.Module, x: Tensor, state: dict[str, Any] | None, mask: 
                time_mix.shift_mix, time_mix.time_decay, time_mix.bonus, channel_mix.shift_mix,
                *(linear.weight for linear in linears)]
     if any(t is None or t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        return None
+    module = event_kernel.extension()  # built on first use: only once the block qualifies
+    if module is None:
         return None
     tables = [linear.weight.t() for linear in linears]
     B, _, C = x.shape

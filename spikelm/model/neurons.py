@@ -90,6 +90,11 @@ class SpikingNeuron(nn.Module):
         return f"site={self.site!r}, fan_out={self.fan_out}, max_count={self.max_count}"
 
 
+def _mean_abs(x32: Tensor) -> Tensor:
+    """``mean(|x|)`` over the last dimension as one fused L1 reduction, kept ``[..., 1]``, without autograd."""
+    return torch.linalg.vector_norm(x32.detach(), 1, dim=-1, keepdim=True).mul_(1.0 / x32.shape[-1])
+
+
 def _spike_counts(x: Tensor, threshold: Tensor, max_spikes: int) -> Tensor:
     # In place after the division: two fewer [B, T, C] temporaries on the hot path.
     return torch.div(x, threshold).round_().clamp_(-max_spikes, max_spikes)
@@ -204,7 +209,7 @@ class AdaptiveNeuron(SpikingNeuron):
         training = torch.is_grad_enabled() and (x32.requires_grad or self.step_scale is not None)
         # mean(|x|) as one fused L1 reduction on the small [B, T, 1] result. No gradient flows through it (LSQ
         # learns the multiplier instead), so autograd need not record it.
-        mean_abs = torch.linalg.vector_norm(x32.detach(), 1, dim=-1, keepdim=True).mul_(1.0 / x.shape[-1])
+        mean_abs = _mean_abs(x32)
         if self._simple():
             threshold = self._simple_threshold(mean_abs)
             if training:
@@ -224,12 +229,17 @@ class AdaptiveNeuron(SpikingNeuron):
     def _fine_threshold(self, mean_abs: Tensor) -> Tensor:
         return mean_abs.clamp_(min=self.eps).div_(self.k)
 
+    def has_event_rule(self) -> bool:
+        """Whether ``event_kernel.adaptive_event_linear`` reproduces this neuron's inference rule (fixed multiplier,
+        full spikes)."""
+        return self.step_scale is None and self.mix == 1.0 and (self.resolution > 1 or self._simple())
+
     def event_threshold(self, x: Tensor) -> Tensor | None:
         """``V_th [..., 1]`` (fp32) of ``x [..., C]`` exactly as ``forward`` computes it at inference, when the
-        rule is one ``event_kernel.adaptive_event_linear`` reproduces (fixed multiplier, full spikes); else None."""
-        if self.step_scale is not None or self.mix != 1.0 or (self.resolution == 1 and not self._simple()):
+        rule is one ``event_kernel.adaptive_event_linear`` reproduces (``has_event_rule``); else None."""
+        if not self.has_event_rule():
             return None
-        mean_abs = torch.linalg.vector_norm(x.float(), 1, dim=-1, keepdim=True).mul_(1.0 / x.shape[-1])
+        mean_abs = _mean_abs(x.float())
         return self._simple_threshold(mean_abs) if self.resolution == 1 else self._fine_threshold(mean_abs)
 
     def _general(self, x32: Tensor, mean_abs: Tensor, training: bool) -> tuple[Tensor, Tensor]:
@@ -472,10 +482,15 @@ class SpikingLinear(nn.Module):
         return self.linear(spikes), state
 
 
-def _plain_event_synapses(linear: nn.Module) -> bool:
-    """An event-driven ``Synapses`` itself (no wrapper, no bias, no hooks), input-major on CPU."""
-    return (type(linear) is Synapses and linear.event_driven and linear.bias is None and not linear._forward_hooks
-            and not linear._forward_pre_hooks and linear.is_input_major() and linear.weight.device.type == "cpu")
+def plain_event_synapses(linears: list[nn.Module]) -> bool:
+    """Whether these synapses may run as one kernel call without their module calls: each an event-driven
+    ``Synapses`` itself (no wrapper such as a LoRA layer, no bias, no hooks of its own), input-major on CPU, and no
+    global module hooks."""
+    if _global_forward_hooks or _global_forward_pre_hooks:
+        return False
+    return all(type(linear) is Synapses and linear.event_driven and linear.bias is None
+               and not linear._forward_hooks and not linear._forward_pre_hooks and linear.is_input_major()
+               and linear.weight.device.type == "cpu" for linear in linears)
 
 
 def event_sites(neuron: SpikingNeuron, linears: list[nn.Module], x: Tensor, mask: Tensor | None) -> list[Tensor] | None:
@@ -488,8 +503,7 @@ def event_sites(neuron: SpikingNeuron, linears: list[nn.Module], x: Tensor, mask
     """
     if (mask is not None or x.shape[-2] != 1 or type(neuron) is not AdaptiveNeuron or neuron.observers
             or torch.is_grad_enabled() or x.device.type != "cpu" or neuron._forward_hooks
-            or neuron._forward_pre_hooks or _global_forward_hooks or _global_forward_pre_hooks
-            or not all(_plain_event_synapses(linear) for linear in linears)):
+            or neuron._forward_pre_hooks or not plain_event_synapses(linears)):
         return None
     S, B, _, C = x.shape
     threshold = neuron.event_threshold(x.reshape(S * B, C))

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from transformers import initialization as init
 
 from spikelm.kernels import rwkv4_scan, rwkv6_scan
@@ -27,11 +26,11 @@ from spikelm.model.event_kernel import event_linear
 from spikelm.model.neurons import (
     SpikingLinear,
     SpikingNeuron,
-    Synapses,
     cast,
     event_sites,
     kernel_backend,
     mask_tokens,
+    plain_event_synapses,
 )
 
 State = dict[str, Any]
@@ -97,7 +96,7 @@ class _SpikingMix(nn.Module):
             if fused is not None:
                 return fused
             spikes, _ = neurons[0](stacked.reshape(S * B, T, C), None, stacked_mask)
-            if T == 1 and _events_together(linears, spikes):
+            if T == 1 and plain_event_synapses(linears) and all(linear.takes_events(spikes) for linear in linears):
                 # One kernel call for the whole stack (docs/design.md, "Event-driven decoding").
                 outs = event_linear(spikes.view(S, B, C), [linear.weight.t() for linear in linears])
                 return [out.view(B, 1, out.shape[-1]) for out in outs]
@@ -110,16 +109,6 @@ class _SpikingMix(nn.Module):
         if neuron_state is not None:
             new_state[name] = neuron_state
         return out
-
-
-def _events_together(linears: list[nn.Module], spikes: Tensor) -> bool:
-    """Whether the sites' synapses may run as one ``event_linear`` call without being called one by one: plain
-    event-driven ``Synapses`` without bias or hooks (a wrapper such as a LoRA layer, or a hook, needs its module
-    call), taking events for this input."""
-    if _global_forward_hooks or _global_forward_pre_hooks:
-        return False
-    return all(type(linear) is Synapses and linear.bias is None and not linear._forward_hooks
-               and not linear._forward_pre_hooks and linear.takes_events(spikes) for linear in linears)
 
 
 def _fire_together(neurons: list[SpikingNeuron]) -> bool:
