@@ -513,6 +513,14 @@ def neuron_config(run_dir: Path) -> dict[str, Any]:
     return {key: config.get(key, _FIELD_DEFAULTS.get(key)) for key in NEURON_FIELDS[config["neuron"]]}
 
 
+def neuron_config_differences(dirs: list[Path], name: str) -> str:
+    """The neuron config fields in which point ``name``'s finished runs under ``dirs`` differ, each with its values in
+    the order of ``dirs`` (e.g. ``"max_spikes 8 / 4"``); empty when they agree."""
+    configs = [neuron_config(d / name) for d in dirs if (d / name / "point.json").is_file()]
+    differing = [key for key in configs[0] if len({json.dumps(c.get(key)) for c in configs}) > 1]
+    return ", ".join(f"{key} {' / '.join(str(c.get(key)) for c in configs)}" for key in differing)
+
+
 def combine_sweeps(dirs: list[Path]) -> str:
     """A Markdown table over finished sweeps of the same points (e.g. one per seed): per point, the mean and the
     range of bits per byte vs the dense twin of its own sweep, of the zero fraction and of the energy ratio.
@@ -539,10 +547,8 @@ def combine_sweeps(dirs: list[Path]) -> str:
                      f"| {stats([row['energy_ratio'] for row in rows], 1.0, '.3f')} |")
     notes = []
     for name in names:
-        configs = [neuron_config(d / name) for d in dirs if (d / name / "point.json").is_file()]
-        differing = [key for key in configs[0] if len({json.dumps(c.get(key)) for c in configs}) > 1]
-        if differing:
-            values = ", ".join(f"{key} {' / '.join(str(c.get(key)) for c in configs)}" for key in differing)
+        values = neuron_config_differences(dirs, name)
+        if values:
             notes.append(f"\nNote: the {name} points were not trained with the same neuron config ({values}, "
                          "in the order of the sweeps); their mean mixes two models.")
     return "\n".join(lines) + "\n" + "".join(note + "\n" for note in notes)
@@ -704,10 +710,8 @@ def budget_config_notes(roots: list[Path]) -> list[str]:
         dirs = [root / f"steps-{budget}" for root in roots if (root / f"steps-{budget}").is_dir()]
         names = sorted({path.parent.name for d in dirs for path in d.glob("*/point.json")})
         for name in names:
-            configs = [neuron_config(d / name) for d in dirs if (d / name / "point.json").is_file()]
-            differing = [key for key in configs[0] if len({json.dumps(c.get(key)) for c in configs}) > 1]
-            if differing:
-                values = ", ".join(f"{key} {' / '.join(str(c.get(key)) for c in configs)}" for key in differing)
+            values = neuron_config_differences(dirs, name)
+            if values:
                 notes.append(f"Note: {name} at {budget} steps was not trained with the same neuron config in every "
                              f"root ({values}); its mean mixes two models.")
     return notes
