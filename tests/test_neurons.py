@@ -177,24 +177,29 @@ def test_build_neuron_kinds(kind, cls, max_count, stateful):
     assert neuron.observers == []
 
 
-def lsq_reference(x, scale, max_spikes, clipped, grad_scale):
-    """LSQ written with plain autograd ops: y = a s round(clamp(x / (a s))), a = mean|x| per token (no gradient),
-    s's gradient scaled by grad_scale; the x gradient is the STE (unchanged, clamp included) or the clipped STE."""
+def lsq_reference(x, scale, max_spikes, clipped, grad_scale, resolution=1):
+    """LSQ written with plain autograd ops: y = (a s / r) q(clamp(r x / (a s))), a = mean|x| per token (no gradient),
+    q = round, 0 where |x| < a s / 2 (the silent set), s's gradient scaled by grad_scale; the x gradient is the STE
+    (unchanged, clamp included) or the clipped STE."""
     mean_abs = x.detach().abs().mean(-1, keepdim=True).clamp(min=AdaptiveNeuron.eps)
     s = scale * grad_scale + (scale - scale * grad_scale).detach()  # value s, gradient times grad_scale
-    threshold = mean_abs * s
+    step = mean_abs * s / resolution
     source = x if clipped else x.detach()
-    u = torch.clamp(source / threshold, -max_spikes, max_spikes)
-    y = (torch.round(u) - u).detach() + u  # round with a straight-through gradient
-    y = y * threshold
+    u = torch.clamp(source / step, -max_spikes, max_spikes)
+    q = torch.round(u).masked_fill((x.detach() / step.detach()).abs() < resolution / 2, 0.0)
+    y = (q - u).detach() + u  # q with a straight-through gradient
+    y = y * step
     return y if clipped else y + x - x.detach()
 
 
 @pytest.mark.parametrize("mode", ["site", "channel"])
 @pytest.mark.parametrize("surrogate", ["ste", "clipped"])
-def test_learned_scale_matches_lsq_reference_values_and_gradients(mode, surrogate):
+@pytest.mark.parametrize("resolution", [1, 4])
+def test_learned_scale_matches_lsq_reference_values_and_gradients(mode, surrogate, resolution):
     torch.manual_seed(0)
-    neuron = AdaptiveNeuron(fan_out=5, k=0.4, max_spikes=2, scale=mode, channels=16, surrogate=surrogate)
+    max_spikes = 2 * resolution  # two thresholds
+    neuron = AdaptiveNeuron(fan_out=5, k=0.4, max_spikes=max_spikes, scale=mode, channels=16, surrogate=surrogate,
+                            resolution=resolution)
     with torch.no_grad():  # distinct per-channel multipliers, so a per-channel sum in the wrong order would show
         neuron.step_scale.copy_(torch.linspace(0.3, 3.0, neuron.step_scale.numel()))
     # heavy tails: some channels clip at max_spikes, many round to zero
@@ -206,16 +211,22 @@ def test_learned_scale_matches_lsq_reference_values_and_gradients(mode, surrogat
     y.backward(grad)
     x_ref = x.detach().clone().requires_grad_()
     scale_ref = neuron.step_scale.detach().clone().requires_grad_()
-    y_ref = lsq_reference(x_ref, scale_ref, 2, surrogate == "clipped", 1.0 / math.sqrt(x.numel() / scale_ref.numel()
-                                                                                          * 2))
+    y_ref = lsq_reference(x_ref, scale_ref, max_spikes, surrogate == "clipped",
+                          1.0 / math.sqrt(x.numel() / scale_ref.numel() * max_spikes), resolution)
     y_ref.backward(grad)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(neuron.step_scale.grad, scale_ref.grad)
     counts = seen[0]
-    assert torch.equal(counts, torch.round(counts)) and counts.abs().max() == 2  # integer counts, some clipped
+    assert torch.equal(counts, torch.round(counts)) and counts.abs().max() == max_spikes  # integers, some clipped
     assert (counts == 0).float().mean() > 0.3
-    clipped_any = (x.detach() / (x.detach().abs().mean(-1, keepdim=True) * neuron.step_scale.detach())).abs() > 2
+    threshold = x.detach().abs().mean(-1, keepdim=True) * neuron.step_scale.detach()
+    assert torch.equal(counts == 0, x.detach().abs() < threshold / 2)  # the silent set moves with the multiplier
+    if resolution > 1:
+        assert (counts.abs() == 1).sum() == 0 and (counts.abs() == resolution + 1).any()  # fine steps above V_th / 2
+    with torch.no_grad():
+        torch.testing.assert_close(neuron(x.detach())[0], y.detach())  # inference = training's forward
+    clipped_any = (x.detach() / threshold).abs() > 2
     assert clipped_any.any()
     if surrogate == "clipped":
         assert torch.equal(x.grad[clipped_any], torch.zeros_like(x.grad[clipped_any]))
@@ -223,10 +234,11 @@ def test_learned_scale_matches_lsq_reference_values_and_gradients(mode, surrogat
         assert torch.equal(x.grad, grad)
 
 
-def test_learned_scale_starts_as_the_fixed_rule_and_infers_like_it_trains():
+@pytest.mark.parametrize("resolution", [1, 4])
+def test_learned_scale_starts_as_the_fixed_rule_and_infers_like_it_trains(resolution):
     torch.manual_seed(1)
-    fixed = AdaptiveNeuron(fan_out=4, k=0.4)
-    learned = AdaptiveNeuron(fan_out=4, k=0.4, scale="channel", channels=8)
+    fixed = AdaptiveNeuron(fan_out=4, k=0.4, max_spikes=32, resolution=resolution)
+    learned = AdaptiveNeuron(fan_out=4, k=0.4, max_spikes=32, scale="channel", channels=8, resolution=resolution)
     torch.testing.assert_close(learned.step_scale.detach(), torch.full((8,), 2.5))
     x = torch.randn(2, 5, 8)
     counts = {}
@@ -375,5 +387,3 @@ def test_resolution_keeps_the_silent_set_and_quantises_active_inputs_finer(surro
     with torch.no_grad():
         y_eval, _ = fine(x)
     torch.testing.assert_close(y_eval, y.detach())
-    with pytest.raises(ValueError, match="adaptive_resolution=4 needs adaptive_scale 'fixed'"):
-        SpikeLMConfig(adaptive_resolution=4, adaptive_scale="channel")

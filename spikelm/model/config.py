@@ -71,8 +71,9 @@ class SpikeLMConfig(PretrainedConfig):
             channels while the site's average threshold, and with it roughly its sparsity, stays the fixed rule's.
         adaptive_resolution: spikes per threshold r: a channel is silent while ``|x| < V_th / 2`` (the zeros of r = 1)
             and otherwise fires ``round(r x / V_th)`` spikes of ``V_th / r`` (clipped at +-max_spikes): r times finer
-            values for r times the spikes of each active channel; r = 1 is SpikingBrain's rule. Needs
-            ``adaptive_scale: fixed``; raise ``max_spikes`` with it (the clip is in fine counts).
+            values for r times the spikes of each active channel; r = 1 is SpikingBrain's rule. With a learned
+            ``adaptive_scale`` the multiplier sets both the silent set and the step of its channel(s); raise
+            ``max_spikes`` with r (the clip is in fine counts).
         adaptive_surrogate: gradient of the rounding for the input: ``"ste"`` passes it unchanged, clamp included;
             ``"clipped"`` zeroes it where the count is clipped at +-max_spikes.
         spike_phase_in: fraction of training (in [0, 1)) over which the adaptive neuron's output moves linearly from
@@ -161,9 +162,6 @@ class SpikeLMConfig(PretrainedConfig):
             raise ValueError(f"SpikeLMConfig.layer_norm_eps_rescale_every={every!r} must be an integer >= 0")
         if self.ln_out_epsilon is not None:
             _positive("ln_out_epsilon", self.ln_out_epsilon)
-        if self.adaptive_resolution > 1 and self.adaptive_scale != "fixed":
-            raise ValueError(f"SpikeLMConfig.adaptive_resolution={self.adaptive_resolution} needs adaptive_scale "
-                             f"'fixed', not {self.adaptive_scale!r}")
         for site, k in (self.adaptive_site_k or {}).items():
             if site not in SITE_NAMES:
                 raise ValueError(f"SpikeLMConfig.adaptive_site_k: unknown site {site!r}; use one of "

@@ -126,26 +126,30 @@ class _AdaptiveQuantize(torch.autograd.Function):
 
 
 class _LearnedQuantize(torch.autograd.Function):
-    """``V_th * clamp(round(x / V_th), -m, m)`` with ``V_th = a * s``: ``a [..., 1]`` the token's mean |x| (no
-    gradient), ``s`` a trainable step multiplier (``[1]`` per site or ``[C]`` per channel).
+    """``(V_th / r) * q(r x / V_th)`` with ``V_th = a * s``: ``a [..., 1]`` the token's mean |x| (no gradient), ``s``
+    a trainable step multiplier (``[1]`` per site or ``[C]`` per channel), ``r`` the resolution and ``q(u) =
+    clamp(round(u), -m, m)``, 0 in the silent set ``|u| < r / 2`` (``|x| < V_th / 2``; for r = 1 that is round's own
+    zero). A learned multiplier thus moves the silent set of its channel(s) and the step size together.
 
-    Gradients (LSQ, Esser et al. 2020, with ``u = x / V_th``):
+    Gradients (LSQ, Esser et al. 2020, with ``u = r x / V_th``):
     - x: passed unchanged (``clipped=False``, the STE of :class:`_AdaptiveQuantize`), or zeroed where |u| > m;
-    - s: ``a * (round(u) - u)`` where |u| <= m and ``a * (+-m)`` where clipped, summed over the elements sharing the
-      multiplier and scaled by ``grad_scale`` (LSQ's ``1 / sqrt(N * m)``), so the step size learns at a rate
-      comparable to the weights whatever the number of elements.
+    - s: ``(a / r) * (q(u) - u)`` where |u| <= m (``-(a / r) u`` in the silent set) and ``(a / r) * (+-m)`` where
+      clipped, summed over the elements sharing the multiplier and scaled by ``grad_scale`` (LSQ's ``1 / sqrt(N *
+      m)``), so the step size learns at a rate comparable to the weights whatever the number of elements.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, mean_abs: Tensor, scale: Tensor, max_spikes: int, clipped: bool,
-                grad_scale: float) -> tuple[Tensor, Tensor]:
-        threshold = mean_abs * scale
-        u = x / threshold
+                grad_scale: float, resolution: int = 1) -> tuple[Tensor, Tensor]:
+        step = mean_abs * scale / resolution
+        u = x / step
         counts = torch.round(u).clamp_(-max_spikes, max_spikes)
+        if resolution > 1:  # r = 1: round already gives 0 below V_th / 2
+            counts.masked_fill_(u.abs() < resolution / 2, 0.0)
         ctx.save_for_backward(u, counts, mean_abs, scale)
-        ctx.clipped, ctx.grad_scale, ctx.max_spikes = clipped, grad_scale, max_spikes
+        ctx.clipped, ctx.grad_scale, ctx.max_spikes, ctx.resolution = clipped, grad_scale, max_spikes, resolution
         ctx.mark_non_differentiable(counts)
-        return counts * threshold, counts
+        return counts * step, counts
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, grad_counts: Tensor) -> tuple[Tensor | None, ...]:
@@ -153,9 +157,9 @@ class _LearnedQuantize(torch.autograd.Function):
         inside = u.abs() <= ctx.max_spikes
         grad_x = grad_y * inside if ctx.clipped else grad_y
         # counts - u inside the range; counts (= +-m) where clipped.
-        grad_step = grad_y * mean_abs * torch.where(inside, counts - u, counts)
+        grad_step = grad_y * (mean_abs / ctx.resolution) * torch.where(inside, counts - u, counts)
         grad_scale = grad_step.reshape(-1, scale.numel()).sum(0) if scale.numel() > 1 else grad_step.sum().reshape(1)
-        return grad_x, None, grad_scale.view_as(scale) * ctx.grad_scale, None, None, None
+        return grad_x, None, grad_scale.view_as(scale) * ctx.grad_scale, None, None, None, None
 
 
 class AdaptiveNeuron(SpikingNeuron):
@@ -170,10 +174,11 @@ class AdaptiveNeuron(SpikingNeuron):
     clipped straight-through gradient, and ``mix`` < 1 while spikes are phased in (output ``x + mix * (spikes - x)``;
     the observers always see the integer counts).
 
-    ``resolution`` r > 1 (``SpikeLMConfig.adaptive_resolution``, fixed multiplier only) separates the silent set from
-    the step: a channel stays silent when ``|x| < V_th / 2`` exactly as with r = 1 (the same zeros), and fires
-    ``clamp(round(r x / V_th), -max_spikes, max_spikes)`` spikes of size ``V_th / r`` otherwise: r times finer
-    values for r times more spikes per active channel.
+    ``resolution`` r > 1 (``SpikeLMConfig.adaptive_resolution``) separates the silent set from the step: a channel
+    stays silent when ``|x| < V_th / 2`` exactly as with r = 1 (the same zeros), and fires ``clamp(round(r x /
+    V_th), -max_spikes, max_spikes)`` spikes of size ``V_th / r`` otherwise: r times finer values for r times more
+    spikes per active channel. With a learned multiplier, ``V_th = mean|x| * s`` moves both (LSQ gradient of
+    :class:`_LearnedQuantize`).
     """
 
     kind = "adaptive"
@@ -187,8 +192,6 @@ class AdaptiveNeuron(SpikingNeuron):
         super().__init__(fan_out, max_spikes)
         self.k = float(k)
         self.resolution = int(resolution)
-        if self.resolution > 1 and scale != "fixed":
-            raise ValueError("AdaptiveNeuron: resolution > 1 needs the fixed multiplier (scale='fixed')")
         self.max_spikes = int(max_spikes)
         self.scale_mode, self.surrogate = scale, surrogate
         self.mix = 1.0  # 1 = spikes; set below 1 by SpikeLMForCausalLM.set_training_progress while phasing in
@@ -244,7 +247,7 @@ class AdaptiveNeuron(SpikingNeuron):
 
     def _general(self, x32: Tensor, mean_abs: Tensor, training: bool) -> tuple[Tensor, Tensor]:
         """Learned multiplier, finer counts, clipped STE and/or phase-in (the options of the class docstring)."""
-        if self.resolution > 1:
+        if self.resolution > 1 and self.step_scale is None:
             y, counts = self._fine_counts(x32, self._fine_threshold(mean_abs), training)
         else:
             y, counts = self._lsq(x32, mean_abs.clamp_(min=self.eps), training)
@@ -263,8 +266,10 @@ class AdaptiveNeuron(SpikingNeuron):
         if training:
             shared = x32.numel() // scale.numel()  # elements per multiplier: LSQ's N
             return _LearnedQuantize.apply(x32, mean_abs, scale, self.max_spikes, self.surrogate == "clipped",
-                                          1.0 / math.sqrt(shared * self.max_spikes))
+                                          1.0 / math.sqrt(shared * self.max_spikes), self.resolution)
         threshold = mean_abs * scale
+        if self.resolution > 1:
+            return self._fine_counts(x32, threshold, False)
         counts = _spike_counts(x32, threshold, self.max_spikes)
         return counts * threshold, counts
 
