@@ -387,3 +387,47 @@ def test_resolution_keeps_the_silent_set_and_quantises_active_inputs_finer(surro
     with torch.no_grad():
         y_eval, _ = fine(x)
     torch.testing.assert_close(y_eval, y.detach())
+
+
+def test_zero_target_raises_thresholds_until_the_floor_holds():
+    """``adaptive_zero_target``: the hinge on the smooth zero fraction reaches only the learned multipliers, and
+    descending it alone raises the model's real zero fraction to the floor."""
+    from spikelm.model.modeling import SpikeLMForCausalLM
+
+    torch.manual_seed(4)
+    config = SpikeLMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, head_size=16, adaptive_k=0.4,
+                           adaptive_scale="channel", adaptive_resolution=4, max_spikes=64, adaptive_zero_target=0.85)
+    model = SpikeLMForCausalLM(config).train()
+    assert model.zero_target_loss() is None  # nothing tracked before a training forward
+    ids = torch.randint(0, 64, (4, 32))
+    scales = [p for name, p in model.named_parameters() if name.endswith("step_scale")]
+    optimizer = torch.optim.Adam(scales, lr=0.05)
+
+    def real_zeros() -> float:
+        seen = []
+        for neuron in (m for m in model.modules() if isinstance(m, AdaptiveNeuron)):
+            neuron.observers.append(lambda n, counts, mask: seen.append(counts))
+        with torch.no_grad():
+            model(input_ids=ids)
+        for neuron in (m for m in model.modules() if isinstance(m, AdaptiveNeuron)):
+            neuron.observers.clear()
+        return sum(float((c == 0).sum()) for c in seen) / sum(c.numel() for c in seen)
+
+    before = real_zeros()
+    assert before < 0.8
+    for step in range(60):
+        model(input_ids=ids)
+        term, soft = model.zero_target_loss()
+        if step == 0:
+            others = [p for name, p in model.named_parameters() if not name.endswith("step_scale")]
+            grads = torch.autograd.grad(term, others, retain_graph=True, allow_unused=True)
+            assert all(g is None or not g.any() for g in grads)  # the activations and weights get nothing
+            assert term.item() == pytest.approx(0.85 - soft.item(), rel=1e-6) and abs(float(soft) - before) < 0.05
+        optimizer.zero_grad()
+        term.backward()
+        optimizer.step()
+    assert real_zeros() > 0.83
+    with pytest.raises(ValueError, match="adaptive_zero_target needs neuron 'adaptive' with a learned"):
+        SpikeLMConfig(adaptive_zero_target=0.8)
+    with pytest.raises(ValueError, match="must be a zero fraction in"):
+        SpikeLMConfig(adaptive_scale="channel", adaptive_zero_target=1.0)

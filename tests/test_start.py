@@ -152,6 +152,19 @@ def test_the_loop_phases_spikes_in(dense_export, tmp_path):
     assert all(n.mix == mixes[-1] for n in neurons)
 
 
+def test_the_loop_adds_the_zero_target_term_and_logs_it(dense_export, tmp_path):
+    _, corpus, cache = dense_export
+    sections = {"train": {"max_steps": 3}, "eval": {"every_steps": 0, "max_batches": 1, "sample_tokens": 0}}
+    model = {"adaptive_k": 0.4, "adaptive_scale": "channel", "adaptive_zero_target": 0.9, "adaptive_zero_weight": 2.0}
+    path = write_tiny_recipe(tmp_path, corpus, model=model, **sections)
+    assert train_cli(path, tmp_path / "run", cache) == 0
+    rows = read_metrics(tmp_path / "run")
+    # far below a 90% floor: the hinge is active, 2 * (0.9 - soft zeros), and the loss is CE plus it
+    assert all(0.5 < r["soft_zeros"] < 0.9 for r in rows)
+    assert all(r["zero_term"] == pytest.approx(2.0 * (0.9 - r["soft_zeros"]), rel=1e-5) for r in rows)
+    assert all(r["loss"] == pytest.approx(r["ce"] + r["zero_term"], rel=1e-5) for r in rows)
+
+
 def test_bad_sections_name_their_key():
     from spikelm.train.recipe import DistillSection, InitSection
 

@@ -79,6 +79,12 @@ class SpikeLMConfig(PretrainedConfig):
         spike_phase_in: fraction of training (in [0, 1)) over which the adaptive neuron's output moves linearly from
             its dense input to ``V_th * counts`` (0: spikes from the first step). The training loop reports its
             progress through ``SpikeLMForCausalLM.set_training_progress``; outside training the output is spikes.
+        adaptive_zero_target: a floor on the zero fraction of all adaptive sites together (elements weighted, as
+            ``spikelm sparsity`` counts it), held during training by a hinge term ``adaptive_zero_weight * max(0,
+            target - z)`` on a smooth zero fraction ``z`` whose gradient reaches only the learned multipliers (needs a
+            learned ``adaptive_scale``): LSQ's gradient lowers the thresholds where silence costs loss, the hinge
+            raises them while the model is below the floor, so training chooses where the zeros go, across channels
+            and sites. ``SpikeLMForCausalLM.zero_target_loss`` returns the term; the training loop adds it.
     LIF neuron (SpikeGPT):
         lif_tau: membrane time constant (> 1 leaks slower).
         lif_threshold: firing threshold v_th.
@@ -115,6 +121,8 @@ class SpikeLMConfig(PretrainedConfig):
     adaptive_resolution: int = 1
     adaptive_surrogate: str = "ste"
     spike_phase_in: float = 0.0
+    adaptive_zero_target: float | None = None
+    adaptive_zero_weight: float = 1.0
     lif_tau: float = 2.0
     lif_threshold: float = 1.0
     lif_reset: str = "hard"
@@ -170,6 +178,15 @@ class SpikeLMConfig(PretrainedConfig):
         phase_in = self.spike_phase_in
         if isinstance(phase_in, bool) or not isinstance(phase_in, int | float) or not 0.0 <= phase_in < 1.0:
             raise ValueError(f"SpikeLMConfig.spike_phase_in={phase_in!r} must be a fraction of training in [0, 1)")
+        target = self.adaptive_zero_target
+        if target is not None:
+            if isinstance(target, bool) or not isinstance(target, int | float) or not 0.0 < target < 1.0:
+                raise ValueError(f"SpikeLMConfig.adaptive_zero_target={target!r} must be a zero fraction in (0, 1)")
+            if self.neuron != "adaptive" or self.adaptive_scale == "fixed":
+                raise ValueError("SpikeLMConfig.adaptive_zero_target needs neuron 'adaptive' with a learned "
+                                 f"adaptive_scale (site, channel or channel_mean), not neuron={self.neuron!r} "
+                                 f"adaptive_scale={self.adaptive_scale!r}")
+        _positive("adaptive_zero_weight", self.adaptive_zero_weight)
         if not 0.0 < self.gated_forget_init < 1.0:
             raise ValueError(f"SpikeLMConfig.gated_forget_init={self.gated_forget_init!r} must lie in (0, 1)")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -320,6 +320,25 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
             if isinstance(module, AdaptiveNeuron):
                 module.mix = mix
 
+    def zero_target_loss(self) -> tuple[Tensor, Tensor] | None:
+        """The zero-target term of the last training forward and the smooth zero fraction it saw, or None.
+
+        With ``config.adaptive_zero_target = t``: ``adaptive_zero_weight * max(0, t - z)``, ``z`` the adaptive
+        sites' smooth zero fractions weighted by their elements (each site's learned multiplier gets the gradient).
+        Clears what the neurons kept, so each forward is counted once.
+        """
+        target = self.config.adaptive_zero_target
+        parts = []
+        for module in self.modules():
+            if isinstance(module, AdaptiveNeuron) and module.soft_zeros is not None:
+                parts.append(module.soft_zeros)
+                module.soft_zeros = None
+        if target is None or not parts:
+            return None
+        total = sum(count for _, count in parts)
+        zeros = sum(fraction * (count / total) for fraction, count in parts)
+        return self.config.adaptive_zero_weight * torch.relu(target - zeros), zeros.detach()
+
     def set_event_decoding(self, enabled: bool | str = True) -> None:
         """Event-driven synapses in one-token inference calls: ``True``, ``False`` or ``"auto"`` (the default).
 

@@ -195,6 +195,10 @@ class AdaptiveNeuron(SpikingNeuron):
         self.max_spikes = int(max_spikes)
         self.scale_mode, self.surrogate = scale, surrogate
         self.mix = 1.0  # 1 = spikes; set below 1 by SpikeLMForCausalLM.set_training_progress while phasing in
+        # Smooth zero fraction of the last training forward and its element count, kept only while a zero target is
+        # set (SpikeLMConfig.adaptive_zero_target; read and cleared by SpikeLMForCausalLM.zero_target_loss).
+        self.track_zeros = False
+        self.soft_zeros: tuple[Tensor, int] | None = None
         if scale == "fixed":
             self.step_scale = None
         else:
@@ -263,6 +267,8 @@ class AdaptiveNeuron(SpikingNeuron):
             scale = self.step_scale.float().clamp(min=self.min_scale)
             if self.scale_mode == "channel_mean":  # mean pinned at 1/k; autograd carries LSQ's gradient through it
                 scale = scale * ((1.0 / self.k) / scale.mean())
+        if training and self.track_zeros:
+            self.soft_zeros = (self.soft_zero_fraction(x32, mean_abs * scale), x32.numel())
         if training:
             shared = x32.numel() // scale.numel()  # elements per multiplier: LSQ's N
             return _LearnedQuantize.apply(x32, mean_abs, scale, self.max_spikes, self.surrogate == "clipped",
@@ -272,6 +278,15 @@ class AdaptiveNeuron(SpikingNeuron):
             return self._fine_counts(x32, threshold, False)
         counts = _spike_counts(x32, threshold, self.max_spikes)
         return counts * threshold, counts
+
+    # Width of the smooth silent-set indicator, in thresholds: sigmoid((1/2 - |x| / V_th) / width).
+    zero_width = 0.05
+
+    @classmethod
+    def soft_zero_fraction(cls, x32: Tensor, threshold: Tensor) -> Tensor:
+        """Smooth fraction of ``x`` inside the silent set ``|x| < V_th / 2``, differentiable in ``V_th`` only: the
+        gradient of a zero target reaches the thresholds, not the activations."""
+        return torch.sigmoid((0.5 - x32.detach().abs() / threshold) / cls.zero_width).mean()
 
     def _fine_counts(self, x32: Tensor, threshold: Tensor, training: bool) -> tuple[Tensor, Tensor]:
         """``resolution`` > 1: silent below ``V_th / 2``, counts of ``V_th / r`` above; straight-through gradient
@@ -383,9 +398,11 @@ def build_neuron(config: SpikeLMConfig, fan_out: int, channels: int | None = Non
     channels = config.hidden_size if channels is None else channels
     backend = kernel_backend(config)
     if config.neuron == "adaptive":
-        return AdaptiveNeuron(fan_out, k=config.adaptive_k, max_spikes=config.max_spikes, scale=config.adaptive_scale,
-                              channels=channels, surrogate=config.adaptive_surrogate,
-                              resolution=config.adaptive_resolution)
+        neuron = AdaptiveNeuron(fan_out, k=config.adaptive_k, max_spikes=config.max_spikes,
+                                scale=config.adaptive_scale, channels=channels, surrogate=config.adaptive_surrogate,
+                                resolution=config.adaptive_resolution)
+        neuron.track_zeros = config.adaptive_zero_target is not None
+        return neuron
     if config.neuron == "lif":
         return LIFNeuron(fan_out, tau=config.lif_tau, threshold=config.lif_threshold, reset=config.lif_reset,
                          alpha=config.lif_alpha, backend=backend)

@@ -378,16 +378,26 @@ def flush(run: Run, *, grad_norm: Any = None, stop: bool = False, throughput: Th
 
 def _loss(run: Run, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training loss of one micro-batch ``[micro, block_size + 1]`` and its logged parts (with a teacher: the
-    cross-entropy ``ce`` and ``kl``, the loss being their blend)."""
+    cross-entropy ``ce`` and ``kl``, the loss being their blend; with a zero target: ``ce``, the hinge ``zero_term``
+    added to the loss and the smooth zero fraction ``soft_zeros``)."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
     logits = run.engine(input_ids=inputs).logits
+    zero_target = run.engine.module.zero_target_loss()  # None unless model.adaptive_zero_target is set
     if run.teacher is None:
-        return lm_cross_entropy(logits, targets), {}
-    with torch.no_grad():
-        teacher_logits = run.teacher(input_ids=inputs, use_cache=False).logits
-    loss, ce, kl = distill_loss(logits, teacher_logits, targets, run.recipe.distill.alpha,
-                                run.recipe.distill.temperature)
-    return loss, {"ce": ce, "kl": kl}
+        loss, parts = lm_cross_entropy(logits, targets), {}
+    else:
+        with torch.no_grad():
+            teacher_logits = run.teacher(input_ids=inputs, use_cache=False).logits
+        loss, ce, kl = distill_loss(logits, teacher_logits, targets, run.recipe.distill.alpha,
+                                    run.recipe.distill.temperature)
+        parts = {"ce": ce, "kl": kl}
+    if zero_target is not None:
+        term, soft_zeros = zero_target
+        if not parts:
+            parts["ce"] = loss.detach()
+        loss = loss + term
+        parts.update(zero_term=term.detach(), soft_zeros=soft_zeros)
+    return loss, parts
 
 
 def evaluate(run: Run, *, write: Any = print) -> dict[str, Any]:
