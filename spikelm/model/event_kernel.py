@@ -1,4 +1,5 @@
-"""The CPU kernel of event-driven synapses (docs/design.md, "Event-driven decoding").
+"""The CPU kernels of inference: event-driven synapses, the adaptive neuron's rule and the RWKV-6 recurrence over a
+prompt (docs/design.md, "Event-driven decoding" and "CPU inference kernels").
 
 ``event_linear(spikes [S, B, in], tables)`` computes, for each of S sites, ``spikes[s] @ tables[s]`` where
 ``tables[s] [in, out_s]`` is an input-major weight (``Synapses.weight.t()``), reading only the rows of inputs that
@@ -10,10 +11,16 @@ The kernel is a small C++ extension built on first use with ``torch.utils.cpp_ex
 minute, cached in ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Without a C++ compiler, or with
 ``SPIKELM_EVENT_KERNEL=0``, the same result comes from ``F.embedding_bag`` per site (weighted rows, one bag per
 batch row): slower, never different beyond float summation order.
+
+Two more entry points serve CPU inference calls of any length (prompts): ``adaptive_spikes`` (the adaptive neuron's
+inference rule in one pass, the neuron's own values bit for bit) and ``wkv6_sequence`` (the RWKV-6 recurrence token
+by token with the state in cache, in place of the chunked torch scan). Each returns ``None`` without the extension,
+and the caller then runs its torch ops.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from typing import Any
@@ -29,6 +36,9 @@ SOURCE = r"""
 #include <vector>
 #include <cmath>
 #include <algorithm>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 template <typename T>
 static void accumulate(const float* __restrict__ x, int64_t batch, int64_t in, const T* __restrict__ table,
@@ -95,8 +105,144 @@ std::vector<torch::Tensor> accumulate_sites(const float* all, int64_t sites, int
 }
 
 // The adaptive neuron's inference rule (neurons.AdaptiveNeuron, the same fp32 operations in the same order, so the
-// same values bit for bit) followed by the synapses: x [S, B, in] float32, threshold [S, B] float32 (V_th per
-// token, as AdaptiveNeuron.threshold computes it).
+// same values bit for bit) on `rows` rows of `in` values, V_th per row in th. With AVX2, 8 values at a time with the
+// same instructions' IEEE results (division, round half to even, min/max, compare).
+static void quantize_rows(const float* xs, const float* th, float* ys, int64_t rows, int64_t in, int64_t resolution,
+                          int64_t max_spikes) {
+  const float m = static_cast<float>(max_spikes);
+  const float r = static_cast<float>(resolution);
+  at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(in, 1)),
+                   [&](int64_t row0, int64_t row1) {
+    for (int64_t row = row0; row < row1; ++row) {
+      const float* __restrict__ xr = xs + row * in;
+      float* __restrict__ yr = ys + row * in;
+      const float t = th[row];
+      // resolution 1: counts = clamp(round(x / V_th), -m, m); y = counts * V_th (no silent set beyond round's).
+      // resolution r: step = V_th / r; counts = clamp(round(x / step), -m, m), 0 where |x| < V_th / 2.
+      const float step = resolution == 1 ? t : t / r;
+      const float half = resolution == 1 ? 0.0f : t / 2.0f;
+      int64_t i = 0;
+#ifdef __AVX2__
+      const __m256 vstep = _mm256_set1_ps(step), vhalf = _mm256_set1_ps(half);
+      const __m256 vmax = _mm256_set1_ps(m), vmin = _mm256_set1_ps(-m), sign = _mm256_set1_ps(-0.0f);
+      for (; i + 8 <= in; i += 8) {
+        const __m256 xv = _mm256_loadu_ps(xr + i);
+        __m256 c = _mm256_round_ps(_mm256_div_ps(xv, vstep), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        c = _mm256_min_ps(_mm256_max_ps(c, vmin), vmax);
+        c = _mm256_andnot_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, xv), vhalf, _CMP_LT_OQ), c);  // silent: +0
+        _mm256_storeu_ps(yr + i, _mm256_mul_ps(c, vstep));
+      }
+#endif
+      for (; i < in; ++i) {
+        const float c = std::min(std::max(std::nearbyint(xr[i] / step), -m), m);
+        yr[i] = (std::fabs(xr[i]) < half ? 0.0f : c) * step;
+      }
+    }
+  });
+}
+
+// The adaptive neuron's output V_th * counts (inference, no observers) in one pass: x [N, C] float32, threshold [N].
+torch::Tensor adaptive_spikes(torch::Tensor x, torch::Tensor threshold, int64_t resolution, int64_t max_spikes) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "adaptive_spikes: x must be a contiguous float32 CPU tensor [N, C]");
+  TORCH_CHECK(threshold.scalar_type() == torch::kFloat && threshold.is_contiguous() &&
+              threshold.numel() == x.size(0), "adaptive_spikes: threshold must be float32 [N]");
+  torch::Tensor y = torch::empty_like(x);
+  quantize_rows(x.data_ptr<float>(), threshold.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1),
+                resolution, max_spikes);
+  return y;
+}
+
+// One token and head of the RWKV-6 recurrence for the value columns [j0, j0 + 8 N): the outputs stay in registers
+// while the K state rows stream through L1 (each state value read and written once per token).
+template <int N>
+static inline void wkv_columns(float* __restrict__ S, int64_t K, int64_t V, int64_t j0, const float* __restrict__ rt,
+                               const float* __restrict__ kt, const float* __restrict__ dt,
+                               const float* __restrict__ uh, const float* __restrict__ vt, float* __restrict__ o) {
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc[N], vv[N];
+  for (int n = 0; n < N; ++n) {
+    acc[n] = _mm256_setzero_ps();
+    vv[n] = _mm256_loadu_ps(vt + j0 + 8 * n);
+  }
+  for (int64_t i = 0; i < K; ++i) {
+    const __m256 ki = _mm256_set1_ps(kt[i]), ri = _mm256_set1_ps(rt[i]);
+    const __m256 ui = _mm256_set1_ps(uh[i]), di = _mm256_set1_ps(dt[i]);
+    float* Si = S + i * V + j0;
+    for (int n = 0; n < N; ++n) {
+      const __m256 s = _mm256_loadu_ps(Si + 8 * n);
+      const __m256 kv = _mm256_mul_ps(ki, vv[n]);
+      acc[n] = _mm256_fmadd_ps(ri, _mm256_fmadd_ps(ui, kv, s), acc[n]);
+      _mm256_storeu_ps(Si + 8 * n, _mm256_fmadd_ps(di, s, kv));
+    }
+  }
+  for (int n = 0; n < N; ++n) _mm256_storeu_ps(o + j0 + 8 * n, acc[n]);
+#endif
+}
+
+// The RWKV-6 recurrence over a whole sequence (inference): r, k [B, T, H, K], decay = exp(log-decay) [B, T, H, K],
+// v [B, T, H, V] float32 contiguous, u [H, K], state [B, H, K, V] -> {o [B, T, H, V], final state}. Per token and
+// head, as the naive loop: o_t = r_t (S + diag(u) k_t^T v_t), S = diag(decay_t) S + k_t^T v_t; the head's state
+// stays in L1 across tokens, heads (and batch rows) over threads.
+std::vector<torch::Tensor> wkv6_sequence(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor decay,
+                                         torch::Tensor u, torch::Tensor state) {
+  for (const torch::Tensor* t : {&r, &k, &v, &decay, &u, &state}) {
+    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous() && t->device().is_cpu(),
+                "wkv6_sequence: inputs must be contiguous float32 CPU tensors");
+  }
+  TORCH_CHECK(r.dim() == 4 && k.sizes() == r.sizes() && decay.sizes() == r.sizes() && v.dim() == 4 &&
+              v.size(0) == r.size(0) && v.size(1) == r.size(1) && v.size(2) == r.size(2), "wkv6_sequence: shapes");
+  const int64_t B = r.size(0), T = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
+  TORCH_CHECK(u.numel() == H * K && state.numel() == B * H * K * V, "wkv6_sequence: u [H, K], state [B, H, K, V]");
+  torch::Tensor out = torch::empty({B, T, H, V}, r.options());
+  torch::Tensor s = state.clone();
+  const float* rp = r.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* dp = decay.data_ptr<float>();
+  const float* up = u.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  float* sp = s.data_ptr<float>();
+#if defined(__AVX2__) && defined(__FMA__)
+  const int64_t vector_columns = V / 8 * 8;
+#else
+  const int64_t vector_columns = 0;
+#endif
+  at::parallel_for(0, B * H, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = p / H, h = p % H;
+      float* __restrict__ S = sp + p * K * V;
+      const float* __restrict__ uh = up + h * K;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t at = (b * T + t) * H + h;
+        const float* __restrict__ rt = rp + at * K;
+        const float* __restrict__ kt = kp + at * K;
+        const float* __restrict__ dt = dp + at * K;
+        const float* __restrict__ vt = vp + at * V;
+        float* __restrict__ o = op + at * V;
+        int64_t j0 = 0;
+        for (; j0 + 32 <= vector_columns; j0 += 32) wkv_columns<4>(S, K, V, j0, rt, kt, dt, uh, vt, o);
+        for (; j0 + 8 <= vector_columns; j0 += 8) wkv_columns<1>(S, K, V, j0, rt, kt, dt, uh, vt, o);
+        if (j0 < V) {  // columns left over (all of them without AVX2)
+          for (int64_t j = j0; j < V; ++j) o[j] = 0.0f;
+          for (int64_t i = 0; i < K; ++i) {
+            const float ki = kt[i], ri = rt[i], ui = uh[i], di = dt[i];
+            float* __restrict__ Si = S + i * V;
+            for (int64_t j = j0; j < V; ++j) {
+              const float kv = ki * vt[j];
+              o[j] += ri * (Si[j] + ui * kv);
+              Si[j] = di * Si[j] + kv;
+            }
+          }
+        }
+      }
+    }
+  });
+  return {out, s};
+}
+
+// The adaptive rule followed by the synapses: x [S, B, in] float32, threshold [S, B] float32 (V_th per token, as
+// AdaptiveNeuron.threshold computes it).
 std::vector<torch::Tensor> adaptive_event_linear(torch::Tensor x, torch::Tensor threshold, int64_t resolution,
                                                  int64_t max_spikes, std::vector<torch::Tensor> tables) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.device().is_cpu(),
@@ -105,30 +251,8 @@ std::vector<torch::Tensor> adaptive_event_linear(torch::Tensor x, torch::Tensor 
   TORCH_CHECK(threshold.scalar_type() == torch::kFloat && threshold.is_contiguous() &&
               threshold.numel() == sites * batch, "adaptive_event_linear: threshold must be float32 [S, B]");
   torch::Tensor spikes = torch::empty_like(x);
-  const float* xs = x.data_ptr<float>();
-  const float* th = threshold.data_ptr<float>();
   float* ys = spikes.data_ptr<float>();
-  const float m = static_cast<float>(max_spikes);
-  const float r = static_cast<float>(resolution);
-  for (int64_t row = 0; row < sites * batch; ++row) {
-    const float* xr = xs + row * in;
-    float* yr = ys + row * in;
-    const float t = th[row];
-    if (resolution == 1) {  // counts = clamp(round(x / V_th), -m, m); y = counts * V_th
-      for (int64_t i = 0; i < in; ++i) {
-        const float c = std::min(std::max(std::nearbyint(xr[i] / t), -m), m);
-        yr[i] = c * t;
-      }
-    } else {  // step = V_th / r; counts = clamp(round(x / step), -m, m), 0 where |x| < V_th / 2; y = counts * step
-      const float step = t / r;
-      const float half = t / 2.0f;
-      for (int64_t i = 0; i < in; ++i) {
-        float c = std::min(std::max(std::nearbyint(xr[i] / step), -m), m);
-        if (std::fabs(xr[i]) < half) c = 0.0f;
-        yr[i] = c * step;
-      }
-    }
-  }
+  quantize_rows(x.data_ptr<float>(), threshold.data_ptr<float>(), ys, sites * batch, in, resolution, max_spikes);
   return accumulate_sites(ys, sites, batch, in, tables, x.options());
 }
 
@@ -189,6 +313,7 @@ std::vector<torch::Tensor> event_linear(torch::Tensor spikes, std::vector<torch:
 
 ARCH_FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"],
               "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw"]}
+FUNCTIONS = ("event_linear", "adaptive_event_linear", "rwkv6_block_step", "adaptive_spikes", "wkv6_sequence")
 _state: dict[str, Any] = {}
 
 
@@ -201,12 +326,13 @@ def extension() -> Any | None:
             try:
                 from torch.utils.cpp_extension import load_inline
 
-                # Vector instructions only where this CPU has them; the name keeps builds for other CPUs apart.
+                # Vector instructions only where this CPU has them; the name keeps builds for other CPUs and other
+                # versions of the source apart (two checkouts sharing TORCH_EXTENSIONS_DIR never rebuild each other's).
                 capability = torch.backends.cpu.get_cpu_capability().lower()
                 flags = ["-O3", *ARCH_FLAGS.get(capability, [])]
-                _state["module"] = load_inline(name=f"spikelm_event_linear_{capability}", cpp_sources=SOURCE,
-                                               functions=["event_linear", "adaptive_event_linear", "rwkv6_block_step"],
-                                               extra_cflags=flags, verbose=False)
+                digest = hashlib.sha1(SOURCE.encode()).hexdigest()[:10]
+                _state["module"] = load_inline(name=f"spikelm_cpu_{capability}_{digest}", cpp_sources=SOURCE,
+                                               functions=list(FUNCTIONS), extra_cflags=flags, verbose=False)
             except Exception as error:  # no compiler, no headers: the embedding_bag path gives the same results
                 warnings.warn(f"event-driven decoding falls back to F.embedding_bag: the C++ kernel did not build "
                               f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})",
@@ -241,6 +367,33 @@ def adaptive_event_linear(x: Tensor, threshold: Tensor, resolution: int, max_spi
     return [_embedding_bag(s, table) for s, table in zip(spikes.unbind(0), tables, strict=True)]
 
 
+def adaptive_spikes(x: Tensor, threshold: Tensor, resolution: int, max_spikes: int) -> Tensor | None:
+    """The adaptive neuron's inference output ``V_th * counts`` of ``x [..., C]`` (float32, CPU) with ``threshold
+    [..., 1]`` (V_th per token) in one pass, the neuron's values bit for bit; ``None`` without the extension."""
+    module = extension()
+    if module is None:
+        return None
+    C = x.shape[-1]
+    return module.adaptive_spikes(x.contiguous().view(-1, C), threshold.contiguous().view(-1), resolution,
+                                  max_spikes).view(x.shape)
+
+
+def wkv6_sequence(r: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, bonus: Tensor,
+                  state: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    """The RWKV-6 recurrence over ``T`` tokens without autograd: r, k, log_decay ``[B, T, H, K]``, v ``[B, T, H,
+    V]``, bonus ``[H, K]``, state ``[B, H, K, V]`` or None (zeros) -> ``(o [B, T, H, V] float32, final state)``,
+    the naive scan's math token by token (float32); ``None`` without the extension."""
+    module = extension()
+    if module is None:
+        return None
+    B, _, H, K = r.shape
+    if state is None:
+        state = r.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
+    decay = log_decay.float().exp()  # the one-token step's decay (wkv6_step), vectorised by ATen
+    o, final = module.wkv6_sequence(*(x.float().contiguous() for x in (r, k, v, decay, bonus, state)))
+    return o, final
+
+
 def _embedding_bag(spikes: Tensor, table: Tensor) -> Tensor:
     """``spikes [B, in] @ table [in, out]`` as weighted bags of the fired rows (one bag per batch row)."""
     rows, columns = spikes.nonzero(as_tuple=True)  # row-major order: each row's events are contiguous
@@ -249,4 +402,4 @@ def _embedding_bag(spikes: Tensor, table: Tensor) -> Tensor:
                            per_sample_weights=spikes[rows, columns].to(table.dtype))
 
 
-__all__ = ["event_linear", "adaptive_event_linear", "extension"]
+__all__ = ["event_linear", "adaptive_event_linear", "adaptive_spikes", "wkv6_sequence", "extension"]

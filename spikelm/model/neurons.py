@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from spikelm.kernels import gated_scan, lif_scan
+from spikelm.model import event_kernel
 from spikelm.model.config import SpikeLMConfig
 from spikelm.model.event_kernel import adaptive_event_linear, event_linear
 
@@ -210,6 +211,13 @@ class AdaptiveNeuron(SpikingNeuron):
         # mean(|x|) as one fused L1 reduction on the small [B, T, 1] result. No gradient flows through it (LSQ
         # learns the multiplier instead), so autograd need not record it.
         mean_abs = _mean_abs(x32)
+        if not training and not self.observers and x32.device.type == "cpu" and self.has_event_rule() \
+                and event_kernel.extension() is not None:
+            # CPU inference: the rule below (division, rounding, clamp, the silent set, V_th * counts) as one C++
+            # pass, the same fp32 operations, so the same values bit for bit (a prompt's 9 sites per layer made ~7
+            # full passes each).
+            threshold = self._simple_threshold(mean_abs) if self.resolution == 1 else self._fine_threshold(mean_abs)
+            return cast(event_kernel.adaptive_spikes(x32, threshold, self.resolution, self.max_spikes), x.dtype), None
         if self._simple():
             threshold = self._simple_threshold(mean_abs)
             if training:
