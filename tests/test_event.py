@@ -353,3 +353,43 @@ def test_lora_wrapped_synapses_decode_event_driven():
     event_tokens, event_scores = greedy(model, prompt)
     assert torch.equal(event_tokens, dense_tokens)
     torch.testing.assert_close(event_scores, dense_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_block_plan_follows_changes_between_tokens(monkeypatch):
+    # rwkv6_block_step keeps each block's checked arguments as a plan; a neuron setting changed, a weight laid out
+    # again behind the module or a hook added between two tokens must be seen at the next token.
+    model = tiny_model(**DEFAULT_NEURON)
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(13))
+    model.set_event_decoding(True)
+    if event_kernel.extension() is None:
+        pytest.skip("the C++ extension did not build here")
+    calls = count_kernel_calls(monkeypatch)
+    prompt = {"adaptive_spikes", "wkv6_sequence"}
+
+    def changed(step):
+        with torch.no_grad():
+            model.set_event_decoding(True)
+            run_in_chunks(model, ids[:, :4], [3, 1])  # the plans are made
+            step()
+            calls.clear()
+            event_out = run_in_chunks(model, ids, [3, 1, 1, 1])
+            event_calls = list(calls)
+            model.set_event_decoding(False)
+            dense = run_in_chunks(model, ids, [3, 1, 1, 1])
+        torch.testing.assert_close(event_out, dense, rtol=1e-5, atol=1e-5)
+        return event_calls
+
+    def new_k():
+        for module in model.modules():
+            if isinstance(module, neurons.AdaptiveNeuron):
+                module.k = 0.7
+    assert set(changed(new_k)) - prompt == {"rwkv6_block_step"}  # with the new k: equal to dense with it
+    synapses = model.model.layers[1].time_mix.key.linear
+    # block 1's kernel call refuses the standard layout; its modules then run (the other sites still event-driven)
+    relaid = changed(lambda: setattr(synapses.weight, "data", synapses.weight.detach().contiguous()))
+    assert relaid.count("rwkv6_block_step") == 6 and "event_linear" in relaid
+    handle = model.model.layers[0].ln2.register_forward_hook(lambda *a: None)
+    hooked = changed(lambda: None)
+    assert hooked.count("rwkv6_block_step") == 3 and "adaptive_event_linear" in hooked  # block 1 only
+    handle.remove()
+    assert set(changed(lambda: None)) - prompt == {"rwkv6_block_step"}

@@ -180,35 +180,19 @@ static inline void wkv_columns(float* __restrict__ S, int64_t K, int64_t V, int6
 #endif
 }
 
-// The RWKV-6 recurrence over a whole sequence (inference): r, k [B, T, H, K], decay = exp(log-decay) [B, T, H, K],
-// v [B, T, H, V] float32 contiguous, u [H, K], state [B, H, K, V] -> {o [B, T, H, V], final state}. Per token and
-// head, as the naive loop: o_t = r_t (S + diag(u) k_t^T v_t), S = diag(decay_t) S + k_t^T v_t; the head's state
-// stays in L1 across tokens, heads (and batch rows) over threads.
-std::vector<torch::Tensor> wkv6_sequence(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor decay,
-                                         torch::Tensor u, torch::Tensor state) {
-  for (const torch::Tensor* t : {&r, &k, &v, &decay, &u, &state}) {
-    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous() && t->device().is_cpu(),
-                "wkv6_sequence: inputs must be contiguous float32 CPU tensors");
-  }
-  TORCH_CHECK(r.dim() == 4 && k.sizes() == r.sizes() && decay.sizes() == r.sizes() && v.dim() == 4 &&
-              v.size(0) == r.size(0) && v.size(1) == r.size(1) && v.size(2) == r.size(2), "wkv6_sequence: shapes");
-  const int64_t B = r.size(0), T = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
-  TORCH_CHECK(u.numel() == H * K && state.numel() == B * H * K * V, "wkv6_sequence: u [H, K], state [B, H, K, V]");
-  torch::Tensor out = torch::empty({B, T, H, V}, r.options());
-  torch::Tensor s = state.clone();
-  const float* rp = r.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  const float* dp = decay.data_ptr<float>();
-  const float* up = u.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  float* sp = s.data_ptr<float>();
+// The RWKV-6 recurrence over T tokens: r, k, decay = exp(log-decay) [B, T, H, K], v [B, T, H, V] (contiguous), u
+// [H, K]; S [B, H, K, V] is updated in place, o [B, T, H, V] written. Per token and head, as the naive loop:
+// o_t = r_t (S + diag(u) k_t^T v_t), S = diag(decay_t) S + k_t^T v_t; the head's state stays in L1 across tokens,
+// heads (and batch rows) over threads. Prompts (wkv6_sequence) and one-token steps (rwkv6_block_step, and the
+// modules' one-token path through wkv6_sequence) share it, so both decoding paths compute the same values.
+static void wkv6_recurrence(const float* rp, const float* kp, const float* vp, const float* dp, const float* up,
+                            float* sp, float* op, int64_t B, int64_t T, int64_t H, int64_t K, int64_t V) {
 #if defined(__AVX2__) && defined(__FMA__)
   const int64_t vector_columns = V / 8 * 8;
 #else
   const int64_t vector_columns = 0;
 #endif
-  at::parallel_for(0, B * H, 1, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, B * H, T > 1 ? 1 : B * H, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / H, h = p % H;
       float* __restrict__ S = sp + p * K * V;
@@ -238,6 +222,24 @@ std::vector<torch::Tensor> wkv6_sequence(torch::Tensor r, torch::Tensor k, torch
       }
     }
   });
+}
+
+// The recurrence over a whole sequence: r, k [B, T, H, K], decay = exp(log-decay) [B, T, H, K], v [B, T, H, V]
+// float32 contiguous, u [H, K], state [B, H, K, V] -> {o [B, T, H, V], final state}.
+std::vector<torch::Tensor> wkv6_sequence(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor decay,
+                                         torch::Tensor u, torch::Tensor state) {
+  for (const torch::Tensor* t : {&r, &k, &v, &decay, &u, &state}) {
+    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous() && t->device().is_cpu(),
+                "wkv6_sequence: inputs must be contiguous float32 CPU tensors");
+  }
+  TORCH_CHECK(r.dim() == 4 && k.sizes() == r.sizes() && decay.sizes() == r.sizes() && v.dim() == 4 &&
+              v.size(0) == r.size(0) && v.size(1) == r.size(1) && v.size(2) == r.size(2), "wkv6_sequence: shapes");
+  const int64_t B = r.size(0), T = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
+  TORCH_CHECK(u.numel() == H * K && state.numel() == B * H * K * V, "wkv6_sequence: u [H, K], state [B, H, K, V]");
+  torch::Tensor out = torch::empty({B, T, H, V}, r.options());
+  torch::Tensor s = state.clone();
+  wkv6_recurrence(r.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), decay.data_ptr<float>(),
+                  u.data_ptr<float>(), s.data_ptr<float>(), out.data_ptr<float>(), B, T, H, K, V);
   return {out, s};
 }
 
@@ -271,35 +273,62 @@ static std::vector<torch::Tensor> fire(const torch::Tensor& x, double k, int64_t
   return adaptive_event_linear(x.contiguous(), threshold.contiguous(), resolution, max_spikes, tables);
 }
 
+static bool float_cpu(const torch::Tensor& t) {
+  return t.defined() && t.scalar_type() == torch::kFloat && t.device().is_cpu();
+}
+
 // One token of a SpikeLMBlock with an RWKV-6 time mix (the model's modules' one-token path: the same ATen ops in
-// the same order, the adaptive sites through adaptive_event_linear), without a Python call per operation.
-// x [B, C] residual stream; returns {x, time-mix shift, wkv state, channel-mix shift}.
-std::vector<torch::Tensor> rwkv6_block_step(
-    torch::Tensor x, std::vector<torch::Tensor> ln1, double ln1_eps, torch::Tensor tm_shift,
-    torch::Tensor tm_mix, torch::Tensor wkv, torch::Tensor time_decay, torch::Tensor bonus,
-    std::vector<torch::Tensor> tm_tables, torch::Tensor decay_up, std::vector<torch::Tensor> gn, double gn_eps,
-    torch::Tensor out_table, std::vector<torch::Tensor> ln2, double ln2_eps, torch::Tensor cm_shift,
-    torch::Tensor cm_mix, std::vector<torch::Tensor> cm_tables, torch::Tensor value_table,
-    std::vector<double> ks, std::vector<int64_t> resolutions, std::vector<int64_t> max_spikes, double eps) {
+// the same order, the adaptive sites through adaptive_event_linear, the recurrence through wkv6_recurrence), without
+// a Python call per operation. x [B, C] residual stream and the block's state (time-mix shift [B, C], wkv [B, H, K,
+// K], channel-mix shift [B, C]); params: ln1 weight, bias, time-mix shift_mix [5, C], time_decay, bonus [H, K], the
+// receptance, key, value, gate and decay synapses' weights [out, in] (input-major: weight.t() contiguous), decay_up
+// weight, group-norm weight, bias, the output synapses' weight, ln2 weight, bias, channel-mix shift_mix [2, C], its
+// key, receptance and value weights; scalars: ln1, group-norm, ln2 eps, then k per site group (time-mix inputs,
+// output, channel-mix inputs, value) and the neuron eps; ints: resolution then max_spikes per group. Returns {x,
+// time-mix shift, wkv, channel-mix shift}, or {} when a tensor is not float32 on CPU or a weight is not input-major
+// (the caller then runs the modules).
+std::vector<torch::Tensor> rwkv6_block_step(torch::Tensor x, torch::Tensor tm_shift, torch::Tensor wkv,
+                                            torch::Tensor cm_shift, std::vector<torch::Tensor> params,
+                                            std::vector<double> scalars, std::vector<int64_t> ints) {
+  TORCH_CHECK(params.size() == 20 && scalars.size() == 8 && ints.size() == 8, "rwkv6_block_step: arguments");
+  for (const torch::Tensor& t : params) {
+    if (!float_cpu(t)) return {};
+  }
+  for (const torch::Tensor* t : {&x, &tm_shift, &wkv, &cm_shift}) {
+    if (!float_cpu(*t)) return {};
+  }
+  std::vector<torch::Tensor> tables;  // input-major weights as [in, out] tables
+  for (int i : {5, 6, 7, 8, 9, 13, 17, 18, 19}) {
+    tables.push_back(params[i].t());
+    if (!tables.back().is_contiguous()) return {};
+  }
+  const torch::Tensor &ln1_w = params[0], &ln1_b = params[1], &tm_mix = params[2], &time_decay = params[3];
+  const torch::Tensor &bonus = params[4], &decay_up = params[10], &gn_w = params[11], &gn_b = params[12];
+  const torch::Tensor &ln2_w = params[14], &ln2_b = params[15], &cm_mix = params[16];
+  const double eps = scalars[7];
   const int64_t B = x.size(0), C = x.size(1), H = bonus.size(0), K = bonus.size(1);
   // Time mix.
-  torch::Tensor xa = at::layer_norm(x, {C}, ln1[0], ln1[1], ln1_eps);
+  torch::Tensor xa = at::layer_norm(x, {C}, ln1_w, ln1_b, scalars[0]);
   torch::Tensor mixed = at::addcmul(xa, tm_shift - xa, tm_mix.view({tm_mix.size(0), 1, C}));  // [5, B, C]
-  std::vector<torch::Tensor> rkvgd = fire(mixed, ks[0], resolutions[0], max_spikes[0], eps, tm_tables);
+  std::vector<torch::Tensor> rkvgd = fire(mixed, scalars[3], ints[0], ints[4], eps,
+                                          {tables.begin(), tables.begin() + 5});
   torch::Tensor log_decay = at::neg(at::exp(time_decay + at::linear(at::tanh(rkvgd[4]), decay_up)));
-  torch::Tensor r = rkvgd[0].view({B, H, K}), k = rkvgd[1].view({B, H, K}), v = rkvgd[2].view({B, H, K});
-  torch::Tensor kv = k.unsqueeze(-1) * v.unsqueeze(-2);
-  torch::Tensor o = at::bmm(r.reshape({B * H, 1, K}), at::addcmul(wkv, bonus.unsqueeze(-1), kv).view({B * H, K, -1}));
-  torch::Tensor new_wkv = at::addcmul(kv, log_decay.view({B, H, K}).exp().unsqueeze(-1), wkv);
-  torch::Tensor gated = at::group_norm(o.view({B, C}), H, gn[0], gn[1], gn_eps) * at::silu(rkvgd[3]);
-  torch::Tensor out = fire(gated.unsqueeze(0), ks[1], resolutions[1], max_spikes[1], eps, {out_table})[0];
+  torch::Tensor decay = log_decay.exp();
+  torch::Tensor new_wkv = wkv.contiguous().clone();
+  torch::Tensor o = torch::empty({B, C}, x.options());
+  torch::Tensor u = bonus.contiguous();
+  wkv6_recurrence(rkvgd[0].data_ptr<float>(), rkvgd[1].data_ptr<float>(), rkvgd[2].data_ptr<float>(),
+                  decay.data_ptr<float>(), u.data_ptr<float>(), new_wkv.data_ptr<float>(), o.data_ptr<float>(), B, 1,
+                  H, K, K);
+  torch::Tensor gated = at::group_norm(o, H, gn_w, gn_b, scalars[1]) * at::silu(rkvgd[3]);
+  torch::Tensor out = fire(gated.unsqueeze(0), scalars[4], ints[1], ints[5], eps, {tables[5]})[0];
   torch::Tensor y = x + out;
   // Channel mix.
-  torch::Tensor xc = at::layer_norm(y, {C}, ln2[0], ln2[1], ln2_eps);
+  torch::Tensor xc = at::layer_norm(y, {C}, ln2_w, ln2_b, scalars[2]);
   torch::Tensor cmixed = at::addcmul(xc, cm_shift - xc, cm_mix.view({cm_mix.size(0), 1, C}));  // [2, B, C]
-  std::vector<torch::Tensor> kr = fire(cmixed, ks[2], resolutions[2], max_spikes[2], eps, cm_tables);
-  torch::Tensor value = fire(at::relu(kr[0]).square().unsqueeze(0), ks[3], resolutions[3], max_spikes[3], eps,
-                             {value_table})[0];
+  std::vector<torch::Tensor> kr = fire(cmixed, scalars[5], ints[2], ints[6], eps, {tables[6], tables[7]});
+  torch::Tensor value = fire(at::relu(kr[0]).square().unsqueeze(0), scalars[6], ints[3], ints[7], eps,
+                             {tables[8]})[0];
   return {y + at::sigmoid(kr[1]) * value, xa, new_wkv, xc};
 }
 
@@ -389,7 +418,7 @@ def wkv6_sequence(r: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, bonus: Ten
     B, _, H, K = r.shape
     if state is None:
         state = r.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
-    decay = log_decay.float().exp()  # the one-token step's decay (wkv6_step), vectorised by ATen
+    decay = log_decay.float().exp()  # as rwkv6_block_step computes it
     o, final = module.wkv6_sequence(*(x.float().contiguous() for x in (r, k, v, decay, bonus, state)))
     return o, final
 

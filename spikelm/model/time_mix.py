@@ -70,7 +70,7 @@ class _SpikingMix(nn.Module):
         # for short inputs.
         return self.backend is None and x.shape[1] == 1 and not x.is_cuda
 
-    def _prompt_on_cpu(self, x: Tensor, *inputs: Tensor | None) -> bool:
+    def _recurrence_in_cpp(self, x: Tensor, *inputs: Tensor | None) -> bool:
         """Whether the recurrence may run in the C++ inference kernel: the automatic backend, CPU, and no autograd
         through any of ``inputs`` (so training and gradient checks keep the differentiable torch scan)."""
         return (self.backend is None and not x.is_cuda
@@ -196,21 +196,20 @@ class RWKV6TimeMix(_SpikingMix):
             k = mask_tokens(k, mask)
             log_decay = mask_tokens(log_decay, mask)
         previous = None if state is None else state.get("wkv")
-        if previous is not None and self._decoding_step_on_cpu(x):
-            wkv, wkv_state = wkv6_step(r.view(B, H, K), k.view(B, H, K), v.view(B, H, K), log_decay.view(B, H, K),
-                                       self.bonus.float(), previous)
+        rkvw = (r.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, K), log_decay.view(B, T, H, K))
+        # On CPU without autograd (prompts and one-token steps): the recurrence token by token in C++, the state in
+        # cache; much faster there than the chunked torch scan, and the block kernel's own step. None without the
+        # extension.
+        sequence = (wkv6_sequence(*rkvw, self.bonus, previous)
+                    if self._recurrence_in_cpp(x, *rkvw, self.bonus, previous) else None)
+        if sequence is not None:
+            wkv, wkv_state = sequence
+        elif previous is not None and self._decoding_step_on_cpu(x):
+            wkv, wkv_state = wkv6_step(*(t.view(B, H, -1) for t in rkvw), self.bonus.float(), previous)
             wkv = wkv.view(B, T, H, K)
         else:
-            rkvw = (r.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, K), log_decay.view(B, T, H, K))
-            # A prompt on CPU without autograd: the recurrence token by token in C++ (the state stays in cache), much
-            # faster there than the chunked torch scan; None without the extension.
-            sequence = (wkv6_sequence(*rkvw, self.bonus, previous)
-                        if self._prompt_on_cpu(x, *rkvw, self.bonus, previous) else None)
-            if sequence is not None:
-                wkv, wkv_state = sequence
-            else:
-                wkv, wkv_state = rwkv6_scan(*rkvw, self.bonus.float(), previous, output_final_state=use_cache,
-                                            backend=self._scan_backend(x))  # (B, T, H, K)
+            wkv, wkv_state = rwkv6_scan(*rkvw, self.bonus.float(), previous, output_final_state=use_cache,
+                                        backend=self._scan_backend(x))  # (B, T, H, K)
         out = self.group_norm(cast(wkv.reshape(B * T, C), x.dtype)).view(B, T, C) * F.silu(g)
         out = self._site("output", out, state, new_state, mask)
         if not use_cache:
