@@ -1,5 +1,5 @@
-"""The CPU kernels of inference: event-driven synapses, the adaptive neuron's rule and the RWKV-6 recurrence over a
-prompt (docs/design.md, "Event-driven decoding" and "CPU inference kernels").
+"""The CPU kernels of inference: event-driven synapses, the adaptive neuron's rule and the RWKV-6 recurrence
+(docs/design.md, "Event-driven decoding", its paragraphs on the kernel and on CPU inference kernels).
 
 ``event_linear(spikes [S, B, in], tables)`` computes, for each of S sites, ``spikes[s] @ tables[s]`` where
 ``tables[s] [in, out_s]`` is an input-major weight (``Synapses.weight.t()``), reading only the rows of inputs that
@@ -12,10 +12,11 @@ minute, cached in ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions`
 ``SPIKELM_EVENT_KERNEL=0``, the same result comes from ``F.embedding_bag`` per site (weighted rows, one bag per
 batch row): slower, never different beyond float summation order.
 
-Two more entry points serve CPU inference calls of any length (prompts): ``adaptive_spikes`` (the adaptive neuron's
-inference rule in one pass, the neuron's own values bit for bit) and ``wkv6_sequence`` (the RWKV-6 recurrence token
-by token with the state in cache, in place of the chunked torch scan). Each returns ``None`` without the extension,
-and the caller then runs its torch ops.
+Two more entry points serve CPU inference calls of any length (prompts, and one-token steps through the modules):
+``adaptive_spikes`` (the adaptive neuron's inference rule in one pass, the neuron's own values bit for bit) and
+``wkv6_sequence`` (the RWKV-6 recurrence token by token with the state in cache, in place of the chunked torch
+scan; ``rwkv6_block_step`` runs the same routine). Each returns ``None`` without the extension, and the caller then
+runs its torch ops.
 """
 
 from __future__ import annotations
