@@ -113,7 +113,7 @@ def test_fused_sites_equal_the_module_path(compiled, monkeypatch):
         fused = run_in_chunks(model, ids, [4, 1, 1, 1, 1])
         # compiled: the 4-token prompt through the prompt kernels, then each block in one call; fallback: each
         # stack of sites in one call
-        prompt = {"adaptive_spikes", "wkv6_sequence"} if compiled else set()
+        prompt = {"adaptive_fire", "wkv6_sequence"} if compiled else set()
         assert calls and set(calls) == {"rwkv6_block_step" if compiled else "adaptive_event_linear"} | prompt
         handles = [m.register_forward_hook(lambda *a: None) for m in model.modules()
                    if isinstance(m, neurons.SpikingNeuron)]
@@ -131,24 +131,26 @@ def test_fused_sites_equal_the_module_path(compiled, monkeypatch):
 @pytest.mark.parametrize("resolution", [1, 4, 3])
 def test_kernel_spikes_are_the_neurons_bit_for_bit(resolution, monkeypatch):
     # Through an identity table each output is exactly one spike value, so the kernel's spikes can be compared with
-    # the neuron's own torch rule bit for bit; so is the neuron's one-pass inference kernel (adaptive_spikes, on
-    # lengths that are not a multiple of the 8-wide vectors, and on all-zero tokens).
+    # the neuron's own torch rule bit for bit; so is the neuron's inference kernel (adaptive_fire: V_th from its own
+    # sums, then the rule) on widths that are not a multiple of the 8-wide vectors, row counts that are not a
+    # multiple of its 8-row groups, all-zero tokens and a model's width.
     neuron = neurons.AdaptiveNeuron(64, k=0.4, max_spikes=32 if resolution > 1 else 8, resolution=resolution)
     x = torch.randn(3, 2, 1, 64) * torch.rand(3, 2, 1, 1) * 5
-    prompt = torch.randn(2, 9, 61) * torch.rand(2, 9, 1) * 5
-    prompt[0, :2] = 0
+    prompts = [torch.randn(2, 9, 61) * torch.rand(2, 9, 1) * 5, torch.randn(3, 7, 768) * torch.rand(3, 7, 1) * 50]
+    prompts[0][0, :2] = 0
     module = event_kernel.extension()
     with torch.no_grad():
         monkeypatch.setitem(event_kernel._state, "module", None)
         expected, _ = neuron(x.reshape(6, 1, 64))
-        expected_prompt, _ = neuron(prompt)
+        expected_prompts = [neuron(prompt)[0] for prompt in prompts]
         monkeypatch.setitem(event_kernel._state, "module", module)
         threshold = neuron.event_threshold(x.reshape(6, 64))
         got = event_kernel.adaptive_event_linear(x.reshape(3, 2, 64), threshold.view(3, 2), resolution,
                                                  neuron.max_spikes, [torch.eye(64)] * 3)
-        got_prompt, _ = neuron(prompt)
+        got_prompts = [neuron(prompt)[0] for prompt in prompts]
     assert torch.equal(torch.stack(got).reshape(6, 1, 64), expected)
-    assert torch.equal(got_prompt, expected_prompt)
+    for got_prompt, expected_prompt in zip(got_prompts, expected_prompts, strict=True):
+        assert torch.equal(got_prompt, expected_prompt)
 
 
 @pytest.mark.parametrize("width", [40, 44])  # 32 + 8 columns in vectors; 40 + a scalar tail of 4
@@ -179,7 +181,7 @@ def test_prompts_on_cpu_take_the_inference_kernels_and_equal_the_torch_path(monk
     with torch.no_grad():
         out = model(ids, attention_mask=mask, use_cache=True)
     if event_kernel.extension() is not None:
-        assert set(calls) == {"adaptive_spikes", "wkv6_sequence"}
+        assert set(calls) == {"adaptive_fire", "wkv6_sequence"}
     calls.clear()
     model(ids, attention_mask=mask, use_cache=True)  # autograd on: the differentiable torch path
     assert not calls
@@ -364,7 +366,7 @@ def test_block_plan_follows_changes_between_tokens(monkeypatch):
     if event_kernel.extension() is None:
         pytest.skip("the C++ extension did not build here")
     calls = count_kernel_calls(monkeypatch)
-    prompt = {"adaptive_spikes", "wkv6_sequence"}
+    prompt = {"adaptive_fire", "wkv6_sequence"}
 
     def changed(step):
         with torch.no_grad():

@@ -210,14 +210,14 @@ class AdaptiveNeuron(SpikingNeuron):
         training = torch.is_grad_enabled() and (x32.requires_grad or self.step_scale is not None)
         # mean(|x|) as one fused L1 reduction on the small [B, T, 1] result. No gradient flows through it (LSQ
         # learns the multiplier instead), so autograd need not record it.
-        mean_abs = _mean_abs(x32)
         if not training and not self.observers and x32.device.type == "cpu" and self.has_event_rule() \
                 and event_kernel.extension() is not None:
-            # CPU inference: the rule below (division, rounding, clamp, the silent set, V_th * counts) as one C++
-            # pass, the same fp32 operations, so the same values bit for bit (a prompt's 9 sites per layer made ~7
-            # full passes each).
-            threshold = self._simple_threshold(mean_abs) if self.resolution == 1 else self._fine_threshold(mean_abs)
-            return cast(event_kernel.adaptive_spikes(x32, threshold, self.resolution, self.max_spikes), x.dtype), None
+            # CPU inference: V_th and the rule below (division, rounding, clamp, the silent set, V_th * counts) in
+            # one C++ call, the same fp32 operations in the same order, so the same values bit for bit (a prompt's 9
+            # sites per layer made ~8 full passes each).
+            y = event_kernel.adaptive_fire(x32, self.k, self.resolution, self.max_spikes, self.eps)
+            return cast(y, x.dtype), None
+        mean_abs = _mean_abs(x32)
         if self._simple():
             threshold = self._simple_threshold(mean_abs)
             if training:
