@@ -427,7 +427,7 @@ def extension() -> Any | None:
                 # versions of the source apart (two checkouts sharing TORCH_EXTENSIONS_DIR never rebuild each other's).
                 capability = torch.backends.cpu.get_cpu_capability().lower()
                 flags = ["-O3", *ARCH_FLAGS.get(capability, [])]
-                digest = hashlib.sha1(SOURCE.encode()).hexdigest()[:10]
+                digest = hashlib.sha1(SOURCE.encode(), usedforsecurity=False).hexdigest()[:10]
                 _state["module"] = load_inline(name=f"spikelm_cpu_{capability}_{digest}", cpp_sources=SOURCE,
                                                functions=list(FUNCTIONS), extra_cflags=flags, verbose=False)
             except Exception as error:  # no compiler, no headers: the embedding_bag path gives the same results
