@@ -208,8 +208,6 @@ class AdaptiveNeuron(SpikingNeuron):
     def forward(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> tuple[Tensor, None]:
         x32 = mask_tokens(x.float(), mask)
         training = torch.is_grad_enabled() and (x32.requires_grad or self.step_scale is not None)
-        # mean(|x|) as one fused L1 reduction on the small [B, T, 1] result. No gradient flows through it (LSQ
-        # learns the multiplier instead), so autograd need not record it.
         if not training and not self.observers and x32.device.type == "cpu" and self.has_event_rule() \
                 and event_kernel.extension() is not None:
             # CPU inference: V_th and the rule below (division, rounding, clamp, the silent set, V_th * counts) in
@@ -217,6 +215,8 @@ class AdaptiveNeuron(SpikingNeuron):
             # sites per layer made ~8 full passes each).
             y = event_kernel.adaptive_fire(x32, self.k, self.resolution, self.max_spikes, self.eps)
             return cast(y, x.dtype), None
+        # mean(|x|) as one fused L1 reduction on the small [B, T, 1] result. No gradient flows through it (LSQ
+        # learns the multiplier instead), so autograd need not record it.
         mean_abs = _mean_abs(x32)
         if self._simple():
             threshold = self._simple_threshold(mean_abs)
