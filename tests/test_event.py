@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 from test_model import run_in_chunks as chunked_logits_and_cache
 
+from spikelm.kernels.rwkv6 import rwkv6_scan_naive
 from spikelm.model import event, event_kernel, neurons, time_mix
 from spikelm.model.config import SpikeLMConfig
 from spikelm.model.modeling import SpikeLMForCausalLM
@@ -110,13 +111,15 @@ def test_fused_sites_equal_the_module_path(compiled, monkeypatch):
     calls = count_kernel_calls(monkeypatch)
     with torch.no_grad():
         fused = run_in_chunks(model, ids, [4, 1, 1, 1, 1])
-        # compiled: each block in one call; fallback: each stack of sites in one call
-        assert calls and set(calls) == {"rwkv6_block_step" if compiled else "adaptive_event_linear"}
+        # compiled: the 4-token prompt through the prompt kernels, then each block in one call; fallback: each
+        # stack of sites in one call
+        prompt = {"adaptive_fire", "wkv6_sequence"} if compiled else set()
+        assert calls and set(calls) == {"rwkv6_block_step" if compiled else "adaptive_event_linear"} | prompt
         handles = [m.register_forward_hook(lambda *a: None) for m in model.modules()
                    if isinstance(m, neurons.SpikingNeuron)]
         calls.clear()
         through_modules = run_in_chunks(model, ids, [4, 1, 1, 1, 1])
-        assert calls and set(calls) == {"event_linear"}  # per-site synapses, still event-driven
+        assert calls and set(calls) == {"event_linear"} | prompt  # per-site synapses, still event-driven
         for handle in handles:
             handle.remove()
         model.set_event_decoding(False)
@@ -125,18 +128,69 @@ def test_fused_sites_equal_the_module_path(compiled, monkeypatch):
     torch.testing.assert_close(through_modules, dense, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("resolution", [1, 4])
-def test_kernel_spikes_are_the_neurons_bit_for_bit(resolution):
+@pytest.mark.parametrize("resolution", [1, 4, 3])
+def test_kernel_spikes_are_the_neurons_bit_for_bit(resolution, monkeypatch):
     # Through an identity table each output is exactly one spike value, so the kernel's spikes can be compared with
-    # the neuron's own output bit for bit.
+    # the neuron's own torch rule bit for bit; so is the neuron's inference kernel (adaptive_fire: V_th from its own
+    # sums, then the rule) on widths that are not a multiple of the 8-wide vectors, row counts that are not a
+    # multiple of its 8-row groups, all-zero tokens and a model's width.
     neuron = neurons.AdaptiveNeuron(64, k=0.4, max_spikes=32 if resolution > 1 else 8, resolution=resolution)
     x = torch.randn(3, 2, 1, 64) * torch.rand(3, 2, 1, 1) * 5
+    prompts = [torch.randn(2, 9, 61) * torch.rand(2, 9, 1) * 5, torch.randn(3, 7, 768) * torch.rand(3, 7, 1) * 50]
+    prompts[0][0, :2] = 0
+    module = event_kernel.extension()
     with torch.no_grad():
+        monkeypatch.setitem(event_kernel._state, "module", None)
         expected, _ = neuron(x.reshape(6, 1, 64))
+        expected_prompts = [neuron(prompt)[0] for prompt in prompts]
+        monkeypatch.setitem(event_kernel._state, "module", module)
         threshold = neuron.event_threshold(x.reshape(6, 64))
         got = event_kernel.adaptive_event_linear(x.reshape(3, 2, 64), threshold.view(3, 2), resolution,
                                                  neuron.max_spikes, [torch.eye(64)] * 3)
+        got_prompts = [neuron(prompt)[0] for prompt in prompts]
     assert torch.equal(torch.stack(got).reshape(6, 1, 64), expected)
+    for got_prompt, expected_prompt in zip(got_prompts, expected_prompts, strict=True):
+        assert torch.equal(got_prompt, expected_prompt)
+
+
+@pytest.mark.parametrize("width", [40, 44])  # 32 + 8 columns in vectors; 40 + a scalar tail of 4
+def test_wkv6_sequence_equals_the_naive_scan(width):
+    if event_kernel.extension() is None:
+        pytest.skip("the C++ extension did not build here")
+    g = torch.Generator().manual_seed(3)
+    B, T, H = 2, 7, 2
+    r, k, v = (torch.randn(B, T, H, width, generator=g) for _ in range(3))
+    w = -torch.exp(torch.randn(B, T, H, width, generator=g))
+    w[0, 2, 0, :3] = -torch.exp(torch.tensor(5.0))  # a decay of exp(-148): the state's row is wiped
+    u = torch.randn(H, width, generator=g)
+    for state in (None, torch.randn(B, H, width, width, generator=g)):
+        expected, expected_state = rwkv6_scan_naive(r, k, v, w, u, state, output_final_state=True)
+        got, got_state = event_kernel.wkv6_sequence(r, k, v, w, u, state)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_state, expected_state, rtol=1e-5, atol=1e-5)
+
+
+def test_prompts_on_cpu_take_the_inference_kernels_and_equal_the_torch_path(monkeypatch):
+    # A (left-padded) prompt without autograd: the neurons' one-pass rule and the C++ recurrence; the same logits
+    # and states as the torch path (chunked scan) within float tolerance. With autograd the torch path runs.
+    model = tiny_model(**DEFAULT_NEURON)
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    calls = count_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+    if event_kernel.extension() is not None:
+        assert set(calls) == {"adaptive_fire", "wkv6_sequence"}
+    calls.clear()
+    model(ids, attention_mask=mask, use_cache=True)  # autograd on: the differentiable torch path
+    assert not calls
+    monkeypatch.setitem(event_kernel._state, "module", None)
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask, use_cache=True)
+    torch.testing.assert_close(out.logits, reference.logits, rtol=1e-5, atol=1e-5)
+    for layer, expected in zip(out.past_key_values.layers, reference.past_key_values.layers, strict=True):
+        torch.testing.assert_close(layer["time_mix"]["wkv"], expected["time_mix"]["wkv"], rtol=1e-5, atol=1e-5)
 
 
 def test_event_path_is_taken_and_matches_each_projection():
@@ -301,3 +355,43 @@ def test_lora_wrapped_synapses_decode_event_driven():
     event_tokens, event_scores = greedy(model, prompt)
     assert torch.equal(event_tokens, dense_tokens)
     torch.testing.assert_close(event_scores, dense_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_block_plan_follows_changes_between_tokens(monkeypatch):
+    # rwkv6_block_step keeps each block's checked arguments as a plan; a neuron setting changed, a weight laid out
+    # again behind the module or a hook added between two tokens must be seen at the next token.
+    model = tiny_model(**DEFAULT_NEURON)
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(13))
+    model.set_event_decoding(True)
+    if event_kernel.extension() is None:
+        pytest.skip("the C++ extension did not build here")
+    calls = count_kernel_calls(monkeypatch)
+    prompt = {"adaptive_fire", "wkv6_sequence"}
+
+    def changed(step):
+        with torch.no_grad():
+            model.set_event_decoding(True)
+            run_in_chunks(model, ids[:, :4], [3, 1])  # the plans are made
+            step()
+            calls.clear()
+            event_out = run_in_chunks(model, ids, [3, 1, 1, 1])
+            event_calls = list(calls)
+            model.set_event_decoding(False)
+            dense = run_in_chunks(model, ids, [3, 1, 1, 1])
+        torch.testing.assert_close(event_out, dense, rtol=1e-5, atol=1e-5)
+        return event_calls
+
+    def new_k():
+        for module in model.modules():
+            if isinstance(module, neurons.AdaptiveNeuron):
+                module.k = 0.7
+    assert set(changed(new_k)) - prompt == {"rwkv6_block_step"}  # with the new k: equal to dense with it
+    synapses = model.model.layers[1].time_mix.key.linear
+    # block 1's kernel call refuses the standard layout; its modules then run (the other sites still event-driven)
+    relaid = changed(lambda: setattr(synapses.weight, "data", synapses.weight.detach().contiguous()))
+    assert relaid.count("rwkv6_block_step") == 6 and "event_linear" in relaid
+    handle = model.model.layers[0].ln2.register_forward_hook(lambda *a: None)
+    hooked = changed(lambda: None)
+    assert hooked.count("rwkv6_block_step") == 3 and "adaptive_event_linear" in hooked  # block 1 only
+    handle.remove()
+    assert set(changed(lambda: None)) - prompt == {"rwkv6_block_step"}

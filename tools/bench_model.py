@@ -8,6 +8,7 @@ context lengths (it should stay flat: the state has a fixed size).
     python tools/bench_model.py                      # defaults: 1 thread, batch 4 x 256 tokens
     python tools/bench_model.py --threads 2 --contexts 100,500,1000,2000
     python tools/bench_model.py --only-event             # only the event-driven decoding table (45m, 216m)
+    python tools/bench_model.py --only-event --event-sizes 45m --event-batches ''   # only 45m's prefill rows
 
 The event-driven table (``--event-sizes``, default 45m,216m) times per-token decoding at batch 1 and 4 for SpikeLM
 with dense synapses, event-driven synapses (fp32, and the model in bf16) and ``RwkvForCausalLM`` of the same shape,
@@ -212,11 +213,11 @@ def event_table(args: argparse.Namespace, gen: torch.Generator) -> None:
         models["event"].set_event_decoding(True)
         models["event-bf16"].set_event_decoding(True)
         rwkv = rwkv_twin(models["dense"].config, args.vocab)
-        long_prompt = torch.randint(0, args.vocab, (1, args.prefill), generator=gen)
+        long_prompt = torch.randint(0, args.vocab, (1, max(args.prefill, 16)), generator=gen)
         with torch.inference_mode(), SparsityMonitor(models["dense"]) as monitor:
             models["dense"](long_prompt)
         zeros = monitor.report().to_dict()["total"]["zero_fraction"]
-        for batch in (1, 4):
+        for batch in args.event_batches:
             prompt = torch.randint(0, args.vocab, (batch, 16), generator=gen)
             fns = {name: spikelm_decoder(model, prompt, steps) for name, model in models.items()}
             fns["rwkv"] = rwkv_decoder(rwkv, prompt, steps)
@@ -231,7 +232,7 @@ def event_table(args: argparse.Namespace, gen: torch.Generator) -> None:
                    for name, model in models.items() if name != "event-bf16"}
         prefill["rwkv"] = lambda r=rwkv, p=long_prompt: r(p, use_cache=True)
         with torch.inference_mode():
-            seconds = median_seconds(prefill, max(1, args.repeats // 2))
+            seconds = median_seconds(prefill, max(1, args.repeats // 2)) if args.prefill else {}
         for name, s in seconds.items():
             rows.append(f"{preset:6s} {'pre':>5s} {name + f' {args.prefill} tok':18s} {1000 * s / args.prefill:9.3f} "
                         f"{args.prefill / s:9.1f} {seconds['rwkv'] / s:7.2f}x {'':>12s} {'':>6s}")
@@ -258,11 +259,15 @@ def main() -> None:
     parser.add_argument("--contexts", default="100,500,1000,2000", help="context lengths for the flatness check")
     parser.add_argument("--event-sizes", default="45m,216m", metavar="PRESETS",
                         help="presets of the event-driven decoding table (default 45m,216m; '' skips it)")
-    parser.add_argument("--prefill", type=int, default=512, help="prompt length of the prefill timing (default 512)")
+    parser.add_argument("--prefill", type=int, default=512,
+                        help="prompt length of the prefill timing (default 512; 0 skips it)")
+    parser.add_argument("--event-batches", default="1,4", metavar="SIZES",
+                        help="batch sizes of the event table's per-token rows (default 1,4; '' skips them)")
     parser.add_argument("--no-rss", dest="rss", action="store_false",
                         help="skip the peak-RSS column (one fresh process per model)")
     parser.add_argument("--only-event", action="store_true", help="only the event-driven decoding table")
     args = parser.parse_args()
+    args.event_batches = [int(size) for size in args.event_batches.split(",") if size]
     torch.set_num_threads(args.threads)
     if args.only_event:
         event_table(args, torch.Generator().manual_seed(0))

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from spikelm.model import event_kernel
 from spikelm.model.neurons import AdaptiveNeuron, SpikingLinear, Synapses, plain_event_synapses
@@ -182,32 +183,35 @@ def _group_rule(sites: list[nn.Module]) -> tuple[float, int, int] | None:
     return rules.pop() if len(rules) == 1 and None not in rules else None
 
 
-def _block_modules(block: nn.Module, parts: list[nn.Module]) -> list[nn.Module]:
-    """Every module of ``block`` (for the hook check), listed again only when one of ``parts`` (every module the
-    step reads) is another object: walking the modules on every token would cost more than the rest."""
-    key = tuple(map(id, parts))
-    cached = block.__dict__.get("_event_modules")
-    if cached is None or cached[0] != key:
-        cached = (key, list(block.modules()))
-        block.__dict__["_event_modules"] = cached
-    return cached[1]
+class _BlockPlan:
+    """What ``rwkv6_block_step`` reads from a block besides its input and state, found eligible once, and the
+    modules, neurons and synapses whose Python-side settings its fingerprint covers."""
+
+    __slots__ = ("fingerprint", "modules", "neurons", "synapses", "norms", "params", "scalars", "ints")
 
 
-def block_step(block: nn.Module, x: Tensor, state: dict[str, Any] | None, mask: Tensor | None,
-               use_cache: bool) -> tuple[Tensor, dict[str, Any]] | None:
-    """One token of an RWKV-6 ``SpikeLMBlock`` in one C++ call (``event_kernel``'s ``rwkv6_block_step``: the same
-    operations as the modules' one-token path, the spike sites through the event kernel), or ``None`` when the
-    call must go through the modules: autograd on, a mask, not fp32 on CPU, no state yet, a forced scan backend, a
-    hook anywhere in the block, observers, wrapped or dense synapses, or a neuron rule the kernel does not have."""
-    if (not use_cache or mask is not None or state is None or x.shape[1] != 1 or torch.is_grad_enabled()
-            or x.dtype != torch.float32 or x.device.type != "cpu"):
-        return None
+def _fingerprint(block: nn.Module, plan: _BlockPlan) -> tuple:
+    """Everything the eligibility checks read that can change without a new plan being asked for, in cheap reads:
+    hook registrations anywhere (``RemovableHandle.next_id`` counts them), the block's submodules and parameter
+    objects (a module or parameter replaced, e.g. by a LoRA wrapper), the neurons' rule settings and observers, the
+    synapses' event switch, the norms' eps and the scan backend. Tensor layouts, dtypes and devices are checked by
+    the kernel itself on every call."""
+    parts: list[Any] = [RemovableHandle.next_id, block.time_mix.backend]
+    for module in plan.modules:
+        parts.extend(map(id, module._modules.values()))
+        parts.extend(map(id, module._parameters.values()))
+    for neuron in plan.neurons:
+        parts.extend((neuron.k, neuron.resolution, neuron.max_spikes, neuron.mix, neuron.surrogate,
+                      len(neuron.observers)))
+    parts.extend(synapses.event_driven for synapses in plan.synapses)
+    parts.extend(norm.eps for norm in plan.norms)
+    return tuple(parts)
+
+
+def _plan(block: nn.Module) -> _BlockPlan | None:
+    """The block's plan when its modules qualify for ``rwkv6_block_step`` (see ``block_step``), else None."""
     time_mix, channel_mix = block.time_mix, block.channel_mix
-    if not getattr(getattr(channel_mix.value, "linear", None), "event_driven", False):
-        return None  # the usual case of a dense model, decided first
-    tm_state, cm_state = state.get("time_mix"), state.get("channel_mix")
-    if (type(time_mix) is not RWKV6TimeMix or time_mix.backend is not None or not tm_state or not cm_state
-            or set(tm_state) != {"shift", "wkv"} or set(cm_state) != {"shift"}):
+    if type(time_mix) is not RWKV6TimeMix or time_mix.backend is not None:
         return None
     tm_sites = [getattr(time_mix, name) for name in RWKV6TimeMix.MIXES]
     cm_sites = [channel_mix.key, channel_mix.receptance]
@@ -220,27 +224,53 @@ def block_step(block: nn.Module, x: Tensor, state: dict[str, Any] | None, mask: 
             or type(ln2) is not nn.LayerNorm or type(group_norm) is not nn.GroupNorm or ln1.weight is None
             or ln2.weight is None or group_norm.weight is None):
         return None
-    sites = [site for group in groups for site in group]
-    parts = [ln1, ln2, time_mix, channel_mix, decay_up, group_norm, *sites, *(site.neuron for site in sites), *linears]
-    if any(m._forward_hooks or m._forward_pre_hooks for m in _block_modules(block, parts)):
+    modules = list(block.modules())
+    if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
         return None
-    tensors = [ln1.weight, ln1.bias, ln2.weight, ln2.bias, group_norm.weight, group_norm.bias, decay_up.weight,
-               time_mix.shift_mix, time_mix.time_decay, time_mix.bonus, channel_mix.shift_mix,
-               *(linear.weight for linear in linears)]
-    if any(t is None or t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+    plan = _BlockPlan()
+    plan.modules, plan.synapses, plan.norms = modules, linears, [ln1, group_norm, ln2]
+    plan.neurons = [site.neuron for group in groups for site in group]
+    weights = [linear.weight for linear in linears]
+    plan.params = [ln1.weight, ln1.bias, time_mix.shift_mix, time_mix.time_decay, time_mix.bonus, *weights[:5],
+                   decay_up.weight, group_norm.weight, group_norm.bias, weights[5], ln2.weight, ln2.bias,
+                   channel_mix.shift_mix, *weights[6:]]
+    plan.scalars = [ln1.eps, group_norm.eps, ln2.eps, *(rule[0] for rule in rules), AdaptiveNeuron.eps]
+    plan.ints = [*(rule[1] for rule in rules), *(rule[2] for rule in rules)]
+    plan.fingerprint = _fingerprint(block, plan)
+    return plan
+
+
+def block_step(block: nn.Module, x: Tensor, state: dict[str, Any] | None, mask: Tensor | None,
+               use_cache: bool) -> tuple[Tensor, dict[str, Any]] | None:
+    """One token of an RWKV-6 ``SpikeLMBlock`` in one C++ call (``event_kernel``'s ``rwkv6_block_step``: the same
+    operations as the modules' one-token path, the spike sites through the event kernel), or ``None`` when the
+    call must go through the modules: autograd on, a mask, not fp32 on CPU, no state yet, a forced scan backend, a
+    hook anywhere in the block, observers, wrapped or dense synapses, or a neuron rule the kernel does not have.
+
+    The module checks run once and are kept as the block's plan (its arguments), reused while a fingerprint of
+    what they read is unchanged (``_fingerprint``); an ineligible block is checked again at its next token."""
+    if (not use_cache or mask is not None or state is None or x.shape[1] != 1 or torch.is_grad_enabled()
+            or x.dtype != torch.float32 or x.device.type != "cpu"):
         return None
+    if not getattr(getattr(block.channel_mix.value, "linear", None), "event_driven", False):
+        return None  # the usual case of a dense model, decided first
+    tm_state, cm_state = state.get("time_mix"), state.get("channel_mix")
+    if not tm_state or not cm_state or set(tm_state) != {"shift", "wkv"} or set(cm_state) != {"shift"}:
+        return None
+    plan = block.__dict__.get("_event_plan")
+    if plan is None or plan.fingerprint != _fingerprint(block, plan):
+        plan = block.__dict__["_event_plan"] = _plan(block)
+        if plan is None:
+            return None
     module = event_kernel.extension()  # built on first use: only once the block qualifies
     if module is None:
         return None
-    tables = [linear.weight.t() for linear in linears]
     B, _, C = x.shape
-    y, tm_shift, wkv, cm_shift = module.rwkv6_block_step(
-        x.reshape(B, C), [block.ln1.weight, block.ln1.bias], block.ln1.eps, tm_state["shift"], time_mix.shift_mix,
-        tm_state["wkv"], time_mix.time_decay, time_mix.bonus, tables[:5], decay_up.weight,
-        [time_mix.group_norm.weight, time_mix.group_norm.bias], time_mix.group_norm.eps, tables[5],
-        [block.ln2.weight, block.ln2.bias], block.ln2.eps, cm_state["shift"], channel_mix.shift_mix, tables[6:8],
-        tables[8], [rule[0] for rule in rules], [rule[1] for rule in rules], [rule[2] for rule in rules],
-        AdaptiveNeuron.eps)
+    stepped = module.rwkv6_block_step(x.reshape(B, C), tm_state["shift"], tm_state["wkv"], cm_state["shift"],
+                                      plan.params, plan.scalars, plan.ints)
+    if not stepped:  # a weight no longer input-major, or a tensor not float32 on CPU
+        return None
+    y, tm_shift, wkv, cm_shift = stepped
     return y.view(B, 1, C), {"time_mix": {"shift": tm_shift, "wkv": wkv}, "channel_mix": {"shift": cm_shift}}
 
 

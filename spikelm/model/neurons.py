@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from spikelm.kernels import gated_scan, lif_scan
+from spikelm.model import event_kernel
 from spikelm.model.config import SpikeLMConfig
 from spikelm.model.event_kernel import adaptive_event_linear, event_linear
 
@@ -214,6 +215,13 @@ class AdaptiveNeuron(SpikingNeuron):
     def forward(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> tuple[Tensor, None]:
         x32 = mask_tokens(x.float(), mask)
         training = torch.is_grad_enabled() and (x32.requires_grad or self.step_scale is not None)
+        if not training and not self.observers and x32.device.type == "cpu" and self.has_event_rule() \
+                and event_kernel.extension() is not None:
+            # CPU inference: V_th and the rule below (division, rounding, clamp, the silent set, V_th * counts) in
+            # one C++ call, the same fp32 operations in the same order, so the same values bit for bit (a prompt's 9
+            # sites per layer made ~8 full passes each).
+            y = event_kernel.adaptive_fire(x32, self.k, self.resolution, self.max_spikes, self.eps)
+            return cast(y, x.dtype), None
         # mean(|x|) as one fused L1 reduction on the small [B, T, 1] result. No gradient flows through it (LSQ
         # learns the multiplier instead), so autograd need not record it.
         mean_abs = _mean_abs(x32)

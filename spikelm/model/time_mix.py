@@ -22,7 +22,7 @@ from transformers import initialization as init
 
 from spikelm.kernels import rwkv4_scan, rwkv6_scan
 from spikelm.model.config import SpikeLMConfig
-from spikelm.model.event_kernel import event_linear
+from spikelm.model.event_kernel import event_linear, wkv6_sequence
 from spikelm.model.neurons import (
     SpikingLinear,
     SpikingNeuron,
@@ -69,6 +69,12 @@ class _SpikingMix(nn.Module):
         # token to a full chunk) 5-10x. On CUDA the kernel dispatcher already picks its fused-recurrent Triton kernel
         # for short inputs.
         return self.backend is None and x.shape[1] == 1 and not x.is_cuda
+
+    def _recurrence_in_cpp(self, x: Tensor, *inputs: Tensor | None) -> bool:
+        """Whether the recurrence may run in the C++ inference kernel: the automatic backend, CPU, and no autograd
+        through any of ``inputs`` (so training and gradient checks keep the differentiable torch scan)."""
+        return (self.backend is None and not x.is_cuda
+                and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)))
 
     def _mixed_inputs(self, x: Tensor, previous: Tensor | None) -> Tensor:
         """Each row of ``shift_mix`` blends x_t with x_{t-1} (``token_shift``, ``previous [B, C]`` before the first
@@ -190,15 +196,20 @@ class RWKV6TimeMix(_SpikingMix):
             k = mask_tokens(k, mask)
             log_decay = mask_tokens(log_decay, mask)
         previous = None if state is None else state.get("wkv")
-        if previous is not None and self._decoding_step_on_cpu(x):
-            wkv, wkv_state = wkv6_step(r.view(B, H, K), k.view(B, H, K), v.view(B, H, K), log_decay.view(B, H, K),
-                                       self.bonus.float(), previous)
+        rkvw = (r.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, K), log_decay.view(B, T, H, K))
+        # On CPU without autograd (prompts and one-token steps): the recurrence token by token in C++, the state in
+        # cache; much faster there than the chunked torch scan, and the block kernel's own step. None without the
+        # extension.
+        sequence = (wkv6_sequence(*rkvw, self.bonus, previous)
+                    if self._recurrence_in_cpp(x, *rkvw, self.bonus, previous) else None)
+        if sequence is not None:
+            wkv, wkv_state = sequence
+        elif previous is not None and self._decoding_step_on_cpu(x):
+            wkv, wkv_state = wkv6_step(*(t.view(B, H, -1) for t in rkvw), self.bonus.float(), previous)
             wkv = wkv.view(B, T, H, K)
         else:
-            wkv, wkv_state = rwkv6_scan(
-                r.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, K), log_decay.view(B, T, H, K),
-                self.bonus.float(), previous, output_final_state=use_cache, backend=self._scan_backend(x),
-            )  # (B, T, H, K)
+            wkv, wkv_state = rwkv6_scan(*rkvw, self.bonus.float(), previous, output_final_state=use_cache,
+                                        backend=self._scan_backend(x))  # (B, T, H, K)
         out = self.group_norm(cast(wkv.reshape(B * T, C), x.dtype)).view(B, T, C) * F.silu(g)
         out = self._site("output", out, state, new_state, mask)
         if not use_cache:
