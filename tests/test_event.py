@@ -395,3 +395,25 @@ def test_block_plan_follows_changes_between_tokens(monkeypatch):
     assert hooked.count("rwkv6_block_step") == 3 and "adaptive_event_linear" in hooked  # block 1 only
     handle.remove()
     assert set(changed(lambda: None)) - prompt == {"rwkv6_block_step"}
+
+
+def test_small_models_never_wait_for_the_kernel_build(monkeypatch):
+    # The prompt kernels only use an extension something already loaded; SpikeLMForCausalLM loads it at its first
+    # CPU inference call only past event.SMALL_BYTES of spiking weights (a tiny model's first generate must not
+    # wait about a minute for a build that gains it little).
+    original, asked = event_kernel.extension, []
+
+    def spy(build=True):
+        asked.append(build)
+        return original(build)
+
+    monkeypatch.setattr(event_kernel, "_state", {})  # nothing loaded in this process yet
+    monkeypatch.setattr(event_kernel, "extension", spy)
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(17))
+    with torch.no_grad():
+        tiny_model(**DEFAULT_NEURON)(ids)
+    assert asked and True not in asked and "module" not in event_kernel._state
+    monkeypatch.setattr(event, "SMALL_BYTES", 0)  # the same model counted as large
+    with torch.no_grad():
+        tiny_model(**DEFAULT_NEURON)(ids)
+    assert True in asked and "module" in event_kernel._state

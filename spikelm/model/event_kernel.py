@@ -414,9 +414,13 @@ FUNCTIONS = ("event_linear", "adaptive_event_linear", "rwkv6_block_step", "adapt
 _state: dict[str, Any] = {}
 
 
-def extension() -> Any | None:
+def extension(build: bool = True) -> Any | None:
     """The compiled kernel (built once per process, cached on disk by torch), or ``None`` when it cannot be built
-    or ``SPIKELM_EVENT_KERNEL=0``."""
+    or ``SPIKELM_EVENT_KERNEL=0``. ``build=False`` only returns it once something built or loaded it in this process
+    (the prompt kernels: a small model, whose prompts gain little, never waits for a build; ``SpikeLMForCausalLM``
+    loads it for models past ``event.SMALL_BYTES``)."""
+    if "module" not in _state and not build:
+        return None
     if "module" not in _state:
         _state["module"] = None
         if os.environ.get("SPIKELM_EVENT_KERNEL", "1") != "0":
@@ -467,8 +471,8 @@ def adaptive_event_linear(x: Tensor, threshold: Tensor, resolution: int, max_spi
 def adaptive_fire(x: Tensor, k: float, resolution: int, max_spikes: int, eps: float) -> Tensor | None:
     """The adaptive neuron's inference output ``V_th * counts`` of ``x [..., C]`` (float32, CPU) in one call: V_th
     per token (``max(mean|x|, eps) / k``, or ``max(mean|x| / k, eps / k)`` at resolution 1) and the rule, the
-    neuron's torch values bit for bit; ``None`` without the extension."""
-    module = extension()
+    neuron's torch values bit for bit; ``None`` without the extension (or before it was loaded: ``extension``)."""
+    module = extension(build=False)
     if module is None:
         return None
     return module.adaptive_fire(x.contiguous().view(-1, x.shape[-1]), k, resolution, max_spikes, eps).view(x.shape)
@@ -478,8 +482,9 @@ def wkv6_sequence(r: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, bonus: Ten
                   state: Tensor | None) -> tuple[Tensor, Tensor] | None:
     """The RWKV-6 recurrence over ``T`` tokens without autograd: r, k, log_decay ``[B, T, H, K]``, v ``[B, T, H,
     V]``, bonus ``[H, K]``, state ``[B, H, K, V]`` or None (zeros) -> ``(o [B, T, H, V] float32, final state)``,
-    the naive scan's math token by token (float32); ``None`` without the extension."""
-    module = extension()
+    the naive scan's math token by token (float32); ``None`` without the extension (or before it was loaded:
+    ``extension``)."""
+    module = extension(build=False)
     if module is None:
         return None
     B, _, H, K = r.shape

@@ -25,7 +25,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from spikelm.model import event
+from spikelm.model import event, event_kernel
 from spikelm.model.cache import SpikeLMCache
 from spikelm.model.channel_mix import ChannelMix
 from spikelm.model.config import SpikeLMConfig
@@ -284,6 +284,7 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
         ``logits_to_keep > 0`` computes logits for the last that many positions only (generate's prefill).
         """
         self._resolve_event_decoding(input_ids)
+        self._load_cpu_kernels()
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
                              use_cache=use_cache, inputs_embeds=inputs_embeds,
                              output_hidden_states=output_hidden_states, return_dict=True)
@@ -367,6 +368,18 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
             return
         self._event_auto_pending = False  # before deciding: the calibration calls forward itself
         event.apply(self, event.decide(self))
+
+    def _load_cpu_kernels(self) -> None:
+        """At the first CPU inference call of a model past ``event.SMALL_BYTES`` of spiking weights, build (or load)
+        the C++ inference kernels, which its prompts then use (the neurons' one-pass rule, the C++ recurrence).
+        Smaller models keep the torch ops unless something else loaded the kernels: their prompts gain little, and
+        the first build takes about a minute."""
+        if (self.training or torch.is_grad_enabled() or getattr(self, "_cpu_kernels_checked", False)
+                or self.device.type != "cpu"):
+            return
+        self._cpu_kernels_checked = True
+        if event.spiking_weight_bytes(self) >= event.SMALL_BYTES:
+            event_kernel.extension()
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, next_sequence_length: int | None = None,
                                       past_key_values: SpikeLMCache | None = None, **kwargs: Any) -> dict[str, Any]:

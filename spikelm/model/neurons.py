@@ -216,7 +216,7 @@ class AdaptiveNeuron(SpikingNeuron):
         x32 = mask_tokens(x.float(), mask)
         training = torch.is_grad_enabled() and (x32.requires_grad or self.step_scale is not None)
         if not training and not self.observers and x32.device.type == "cpu" and self.has_event_rule() \
-                and event_kernel.extension() is not None:
+                and event_kernel.extension(build=False) is not None:
             # CPU inference: V_th and the rule below (division, rounding, clamp, the silent set, V_th * counts) in
             # one C++ call, the same fp32 operations in the same order, so the same values bit for bit (a prompt's 9
             # sites per layer made ~8 full passes each).
