@@ -156,6 +156,34 @@ def test_spikelm_eval_on_a_text_file_matches_evaluate_lm(saved_model, tmp_path, 
     assert abs(result["loss"] - math.log(len(tokenizer))) < 1.0
 
 
+def test_spikelm_eval_and_generate_in_bf16(saved_model, tmp_path, monkeypatch):
+    """``--dtype bf16``: the weights load in bf16 (the recurrence parameters stay fp32) and score within float noise
+    of fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from spikelm.commands.main import main
+
+    model_dir, corpus = saved_model
+    text = tmp_path / "heldout.txt"
+    text.write_text(corpus.read_text()[-3000:])
+    loaded = []
+    original = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1])
+    results = {}
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / f"{dtype}.json"
+        assert main(["eval", str(model_dir), "--text", str(text), "--tokens", "300", "--block-size", "64",
+                     "--json", str(out), "--dtype", dtype]) == 0
+        results[dtype] = json.loads(out.read_text())
+    dtypes = {p.dtype for name, p in loaded[-1].named_parameters() if "bonus" not in name and "decay" not in name}
+    assert loaded[0].dtype == torch.float32 and torch.bfloat16 in dtypes
+    assert results["bf16"]["loss"] == pytest.approx(results["fp32"]["loss"], rel=0.02)
+    assert main(["generate", str(model_dir), "To be", "--max-new-tokens", "4", "--greedy", "--dtype", "bf16"]) == 0
+    with pytest.raises(SystemExit):
+        main(["eval", str(model_dir), "--text", str(text), "--dtype", "int3"])
+
+
 def test_spikelm_eval_on_a_recipes_heldout_split(saved_model, tmp_path, capsys):
     from spikelm.commands.main import main
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from spikelm.commands.model_dir import check_model_dir, load_model
+from spikelm.commands.model_dir import add_dtype_argument, check_model_dir, dtype_kwargs, load_model
 from spikelm.errors import SpikeLMError
 from spikelm.measure.evaluation import blocks_from_text, evaluate_lm
 from spikelm.train.data_sources import read_utf8
@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens per evaluated block (default: the recipe's train.block_size, else 256)")
     parser.add_argument("--batch-size", type=int, default=8, help="blocks per forward")
     parser.add_argument("--json", type=Path, default=None, help="also write the result as JSON to this file")
+    add_dtype_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     except (OSError, ValueError) as err:
         raise SpikeLMError(f"no tokenizer in {str(args.model_dir)!r}: {err}") from err
-    model = load_model(args.model_dir, AutoModelForCausalLM.from_pretrained).eval()
+    model = load_model(args.model_dir, AutoModelForCausalLM.from_pretrained, **dtype_kwargs(args.dtype)).eval()
     if len(tokenizer) > model.config.vocab_size:
         raise SpikeLMError(f"the tokenizer in {str(args.model_dir)!r} has {len(tokenizer)} tokens but the model's "
                            f"vocab_size is {model.config.vocab_size}; they must come from the same run")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from spikelm.commands.model_dir import check_model_dir, load_model
+from spikelm.commands.model_dir import add_dtype_argument, check_model_dir, dtype_kwargs, load_model
 from spikelm.errors import SpikeLMError
 
 
@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--event-decoding", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
                         help="read only the synapses of inputs that spiked: auto (default: on where a short "
                         "calibration finds it faster, on CPU for models larger than the cache), on, off")
+    add_dtype_argument(parser)
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     _check_arguments(args)
     hf_logging.disable_progress_bar()  # the streamed text is the output; no "Loading weights" bar in it
     tokenizer = load_tokenizer(args.model_dir)
-    model = load_model(args.model_dir, SpikeLMForCausalLM.from_pretrained)
+    model = load_model(args.model_dir, SpikeLMForCausalLM.from_pretrained, **dtype_kwargs(args.dtype))
     model.eval()
     model.set_event_decoding(args.event_decoding)
     vocab_size = model.config.vocab_size

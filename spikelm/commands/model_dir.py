@@ -51,4 +51,21 @@ def load_model(model_dir: Path, loader: Any, **kwargs: Any) -> Any:
                            "again") from err
 
 
-__all__ = ["check_model_dir", "load_model"]
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def add_dtype_argument(parser: Any) -> None:
+    """``--dtype fp32|bf16``: the weights' dtype in memory (bf16 halves it; the recurrence parameters stay fp32)."""
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                        help="weights in memory: fp32 (default) or bf16 (half the memory; recurrence parameters "
+                             "stay fp32)")
+
+
+def dtype_kwargs(name: str) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for ``--dtype``."""
+    import torch
+
+    return {"dtype": getattr(torch, DTYPES[name])}
+
+
+__all__ = ["DTYPES", "add_dtype_argument", "check_model_dir", "dtype_kwargs", "load_model"]
