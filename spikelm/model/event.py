@@ -120,12 +120,18 @@ def spiking_weight_bytes(model: nn.Module) -> int:
     return sum(s.weight.numel() * s.weight.element_size() for s in event_synapses(model))
 
 
+def fits_in_cache(model: nn.Module) -> bool:
+    """Whether the model's spiking weights are under ``SMALL_BYTES``: dense under "auto", and its prompts keep the
+    torch ops rather than wait for the C++ extension's first build."""
+    return spiking_weight_bytes(model) < SMALL_BYTES
+
+
 def decide(model: nn.Module) -> bool:
     """The "auto" choice for ``model`` as it is now (eval mode, called from a one-token inference call)."""
     synapses = event_synapses(model)
     if not synapses or any(s.weight.device.type != "cpu" for s in synapses):
         return False
-    if spiking_weight_bytes(model) < SMALL_BYTES:
+    if fits_in_cache(model):
         return False
     key = decision_key(model)
     if key not in _decisions:

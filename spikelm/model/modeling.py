@@ -329,12 +329,14 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
         Clears what the neurons kept, so each forward is counted once.
         """
         target = self.config.adaptive_zero_target
+        if target is None:  # no neuron tracks zeros (build_neuron): nothing to walk on every training step
+            return None
         parts = []
         for module in self.modules():
             if isinstance(module, AdaptiveNeuron) and module.soft_zeros is not None:
                 parts.append(module.soft_zeros)
                 module.soft_zeros = None
-        if target is None or not parts:
+        if not parts:
             return None
         total = sum(count for _, count in parts)
         zeros = sum(fraction * (count / total) for fraction, count in parts)
@@ -378,7 +380,7 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
                 or self.device.type != "cpu"):
             return
         self._cpu_kernels_checked = True
-        if event.spiking_weight_bytes(self) >= event.SMALL_BYTES:
+        if not event.fits_in_cache(self):
             event_kernel.extension()
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, next_sequence_length: int | None = None,
